@@ -1,0 +1,285 @@
+"""`python -m deploy.build --target jetson`: checkpoint -> ONNX -> INT8 Q/DQ -> (TensorRT engine) -> bundle.
+
+Steps, each a loader from deploy/: export the network at the target's input size and check it against PyTorch on
+real preprocessed training images (Polygraphy); quantize with the target's quantizer, calibrated on the training
+split; gate the INT8 model on the test split (ONNX Runtime CPU + runtime post-processing + COCO AP50), keeping
+sensitive layer groups in float when the AP50 drop is too large; build the engine where TensorRT and a GPU exist,
+else write build_engine.sh; write the bundle atomically. Same inputs -> the existing bundle is reused.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from deploy.bundle import BUILD_INFO, BundleWriter, input_hash, manifest_fields, readme, reusable
+from deploy.calibration import calibration_set, load_split
+from deploy.export import AutocastFp16, ExportOnnx, SimplifyOnnx, deploy_network
+from deploy.fidelity import check_fidelity
+from deploy.gate import accuracy_gate, evaluate_models
+from deploy.quantize import QuantizeOnnx
+from deploy.tensorrt import (CALIB_CACHE, build_calibration_cache, build_engine, build_engine_script, engine_plan,
+                             tensorrt_status, trtexec_command)
+from runtime.cli import add_debug_flag, run_cli
+from runtime.config import DEFAULT_CONFIG, add_config_args, load_config
+from runtime.errors import UserError
+from runtime.postprocess import PostprocessSpec
+
+FIDELITY_IMAGES = 4
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the command line asks for, after defaults from the target and the pipeline are applied."""
+
+    target: str
+    role: str
+    precision: str
+    calib_images: int
+    nms: str
+    input_size: int
+
+
+def _names(section: str) -> str:
+    try:
+        return ", ".join(yaml.safe_load(DEFAULT_CONFIG.read_text()).get(section, {}))
+    except Exception:  # help text must never fail
+        return f"see pipelines.yaml '{section}'"
+
+
+def checkpoint_path(pipe: Any, role: str, work_dir: Path | None) -> Path:
+    """Where distill.run writes the role's model.pt: teacher/ or student-<method>/ under <work_dir>/<pipeline>."""
+    base = (Path(work_dir) / pipe.name) if work_dir else pipe.work_dir
+    return base / ("teacher" if role == "teacher" else f"student-{pipe.distill.method}") / "model.pt"
+
+
+def require_checkpoint(path: Path, pipe: Any, role: str) -> None:
+    """UserError naming the distill.run command that makes a missing checkpoint."""
+    if path.is_file():
+        return
+    stage = "--stage teacher" if role == "teacher" else f"--stage student --method {pipe.distill.method}"
+    raise UserError(f"no {role} checkpoint", where=str(path),
+                    fix=f"train it with `python -m distill.run {pipe.name} {stage}` (or pass --checkpoint PATH)")
+
+
+def _load_model(path: Path) -> tuple[Any, dict[str, Any]]:
+    from distill.checkpoint import load_detector
+
+    try:
+        return load_detector(path)
+    except UserError:
+        raise
+    except Exception as exc:  # anything torch/pickle/torchvision raise on a damaged or foreign file
+        raise UserError(f"checkpoint cannot be loaded ({type(exc).__name__}: {exc})", where=str(path),
+                        fix="re-create it with `python -m distill.run`") from None
+
+
+def _anchor_spec(model: Any, input_size: int) -> Any:
+    """runtime.anchors.AnchorSpec of a torchvision RetinaNet, checked to reproduce its anchors exactly."""
+    import numpy as np
+    import torch
+    from torchvision.models.detection.image_list import ImageList
+
+    from runtime.anchors import RETINANET_STRIDES, AnchorSpec, generate_anchors
+
+    gen = model.anchor_generator
+    spec = AnchorSpec(sizes=tuple(tuple(float(s) for s in level) for level in gen.sizes),
+                      aspect_ratios=tuple(float(r) for r in gen.aspect_ratios[0]), strides=RETINANET_STRIDES)
+    with torch.no_grad():
+        probe = torch.zeros(1, 3, input_size, input_size)
+        feats = list(model.backbone(probe).values())
+        ours = gen(ImageList(probe, [(input_size, input_size)]), feats)[0].numpy()
+    theirs, _ = generate_anchors(spec, (input_size, input_size))
+    if ours.shape != theirs.shape or not np.allclose(ours, theirs, atol=1e-3):
+        raise UserError("export mismatch: runtime.anchors does not reproduce the model's anchors",
+                        where=f"input size {input_size}", fix="the model's anchor generator is not RetinaNet's")
+    return spec
+
+
+def build_role(pipe: Any, target: Any, opts: Options, checkpoint: Path, out_dir: Path,
+               console: Console) -> dict[str, Any]:
+    """Build (or reuse) one bundle; returns a summary row."""
+    say = lambda msg: console.print(f"[{opts.role}] {msg}", markup=False, highlight=False, soft_wrap=True)  # noqa: E731
+    require_checkpoint(checkpoint, pipe, opts.role)
+    settings = {"target": target.model_dump(mode="json"), "options": opts.__dict__,
+                "pipeline": {k: v for k, v in pipe.as_dict().items() if k not in ("schedule", "description")}}
+    wanted = input_hash(checkpoint, settings)
+    if reusable(out_dir, wanted):
+        say(f"bundle up to date (same checkpoint, config and code): {out_dir}")
+        info = json.loads((out_dir / BUILD_INFO).read_text(encoding="utf-8"))
+        return {**info["summary"], "bundle": str(out_dir), "status": "reused"}
+    model, meta = _load_model(checkpoint)
+    classes = list(meta.get("classes") or [])
+    size = opts.input_size
+    net = deploy_network(model, size, opts.nms)
+    anchors = _anchor_spec(model, size) if net.kind == "retinanet" else None
+    calib = calibration_set(pipe, size, opts.calib_images)
+    test = pipe.test
+    post = PostprocessSpec(kind=net.kind, num_classes=len(classes), anchors=anchors, score_thresh=test.score_thresh,
+                           nms_iou=test.nms_iou, max_detections=test.max_detections,
+                           topk_candidates=test.topk_candidates, label_offset=net.label_offset)
+    trt = target.runtime == "tensorrt"
+    plan = engine_plan(target, opts.precision, size, pipe.deploy.dynamic_batch, opts.target) if trt else None
+    failed_dir = out_dir.parent / "failed" / out_dir.name
+    described: dict[str, str] = {}
+    gate_dict, engine_info, summary = None, None, {"role": opts.role, "precision": opts.precision}
+    with BundleWriter(out_dir) as bundle:
+        fp32_path = bundle.path("model_fp32.onnx", "onnx-fp32", "fp32")
+        SimplifyOnnx(ExportOnnx(net, fp32_path, size, pipe.deploy.opset, pipe.deploy.dynamic_batch))()
+        described["model_fp32.onnx"] = "FP32 network, input `images` normalised NCHW"
+        fidelity = check_fidelity(net.module, net.output_names, fp32_path, calib.feeds(FIDELITY_IMAGES),
+                                  pipe.deploy.fidelity_atol, pipe.deploy.fidelity_rtol)
+        bundle.write_json("fidelity.json", fidelity.as_dict(), "fidelity")
+        described["fidelity.json"] = "PyTorch vs ONNX Runtime comparison on calibration images (Polygraphy)"
+        if not fidelity.passed:
+            kept = bundle.keep_failed(failed_dir)
+            raise UserError(f"export mismatch: ONNX Runtime differs from PyTorch beyond tolerance ({fidelity.worst()})",
+                            where=str(kept), fix="inspect fidelity.json there; loosen deploy.fidelity_atol/rtol only "
+                            "if the difference is numerical noise")
+        say(f"exported {fp32_path.name}: ONNX Runtime matches PyTorch ({fidelity.worst()})")
+        if opts.precision == "int8":
+            bundle.write_json("calibration.json", calib.manifest(), "calib-manifest")
+            described["calibration.json"] = f"{len(calib)} calibration images ({calib.split} split) + preprocessing"
+            dla = plan is not None and plan.dla_core is not None
+            int8_path = bundle.path("model_int8.onnx", "onnx-int8", "int8")
+            quantizer = target.quantizer
+            first = QuantizeOnnx(fp32_path, int8_path, calib, quantizer, dla=dla)()
+            if first.note:
+                say(first.note)
+            say(f"quantized with {first.quantizer}: {first.qdq['QuantizeLinear']} Q / "
+                f"{first.qdq['DequantizeLinear']} DQ nodes, head outputs in float")
+            records = load_split(pipe, pipe.dataset.test_split).records[: pipe.deploy.eval_images]
+            report, final = accuracy_gate(
+                fp32_path, first,
+                requantize=lambda keep: QuantizeOnnx(fp32_path, int8_path, calib, quantizer, keep, dla)(),
+                evaluate=lambda paths: evaluate_models(paths, records, classes, calib.spec, post),
+                limit=pipe.deploy.ap50_drop_limit, max_groups=pipe.deploy.sensitivity_groups,
+                feeds=calib.feeds(min(8, len(calib))), progress=say)
+            gate_dict = report.as_dict()
+            bundle.write_json("accuracy_gate.json", gate_dict, "accuracy-gate")
+            described["model_int8.onnx"] = f"INT8 explicit Q/DQ ({final.quantizer}), head outputs in float"
+            described["accuracy_gate.json"] = "AP50 of FP32 and INT8 on the test split, sensitivity table"
+            if report.sensitivity:
+                bundle.write_json("sensitivity.json", report.sensitivity, "sensitivity")
+                described["sensitivity.json"] = "output drift per layer group left in float"
+            summary.update(fp32_ap50=report.fp32.AP50, int8_ap50=report.int8.AP50, drop=report.drop_ap50,
+                           fp32_ms=report.fp32.latency_ms_median, int8_ms=report.int8.latency_ms_median)
+            if not report.passed:
+                kept = bundle.keep_failed(failed_dir)
+                raise UserError(f"INT8 AP50 drop {report.drop_ap50:.2f} stays above the limit "
+                                f"{report.limit:g} even with {report.kept_float_groups} in float", where=str(kept),
+                                fix="raise deploy.ap50_drop_limit, calibrate on more images, or use --precision fp16")
+        if plan is not None and plan.onnx_file == "model_fp16.onnx":
+            AutocastFp16(fp32_path, bundle.path("model_fp16.onnx", "onnx-fp16", "fp16"))()
+            described["model_fp16.onnx"] = "mixed FP16 (ModelOpt AutoCast) for strongly typed TensorRT"
+        engine_note = "The target runs the ONNX files with ONNX Runtime; no TensorRT engine is involved."
+        if plan is not None:
+            engine_note, engine_info = _tensorrt(bundle, plan, opts, calib, fp32_path, described, say)
+        notes = f"built by deploy.build from {checkpoint} ({meta.get('role')}, method {meta.get('method')})"
+        bundle.write_text("README.md", readme(pipe.name, opts.role, opts.target, target.description,
+                                              {**described, "manifest.json": "hashes, versions, pre/post-processing"},
+                                              gate_dict, engine_note), "readme")
+        bundle.write_json(BUILD_INFO, {"input_hash": wanted, "checkpoint": str(checkpoint), "settings": settings,
+                                       "summary": summary}, "build-info")
+        bundle.commit(**manifest_fields(pipe.name, opts.role, opts.target, classes, calib.spec, post,
+                                        net.output_names, (1 if not pipe.deploy.dynamic_batch else "batch", 3, size,
+                                                           size), plan.trt_major if plan else None, engine_info,
+                                        notes))
+    say(f"bundle written: {out_dir}")
+    return {**summary, "bundle": str(out_dir), "status": "built"}
+
+
+def _tensorrt(bundle: BundleWriter, plan: Any, opts: Options, calib: Any, fp32_path: Path,
+              described: dict[str, str], say: Any) -> tuple[str, Any]:
+    """Build the engine where possible; always write build_engine.sh. Returns (README note, EngineInfo | None)."""
+    from runtime.manifest import EngineInfo
+
+    version, why = tensorrt_status(plan.trt_major)
+    engine_info, cache = None, False
+    if version:  # pragma: no cover - needs TensorRT and a GPU (not executed here)
+        built = build_engine(plan, bundle.tmp, log=say)
+        for name, role in ((built.engine.name, "engine"), (built.timing_cache.name, "timing-cache"),
+                           (built.layer_info.name, "engine-layers"), (built.build_log.name, "build-log")):
+            bundle.path(name, role, opts.precision if role == "engine" else None)
+        engine_info = EngineInfo(file=built.engine.name, gpu_name=built.gpu_name, trt_version=built.trt_version,
+                                 compute_capability=built.compute_capability)
+        if plan.trt_major < 11 and opts.precision == "int8":
+            build_calibration_cache(fp32_path, ({"images": b} for b in calib.batches()),
+                                    bundle.path(CALIB_CACHE, "calib-cache"), calib.method, plan.workspace_mb)
+            cache = True
+        note = f"Built here with TensorRT {version}: `{built.engine.name}` (per-layer precisions in the build log)."
+    else:
+        say(f"no TensorRT engine was built on this machine: {why}")
+        note = (f"No engine was built when this bundle was made ({why}). On the device run `./build_engine.sh` "
+                f"(TensorRT {plan.trt_major}.x):\n\n    {' '.join(trtexec_command(plan))}")
+    bundle.write_text("build_engine.sh", build_engine_script(plan, opts.target, cache), "build-script", mode=0o755)
+    described["build_engine.sh"] = f"trtexec command for TensorRT {plan.trt_major}.x ({opts.precision})"
+    return note, engine_info
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Build deploy bundles for the given target."""
+    parser = argparse.ArgumentParser(prog="python -m deploy.build", description=__doc__.splitlines()[0])
+    parser.add_argument("--target", required=True, help=f"deploy target from pipelines.yaml: {_names('targets')}")
+    parser.add_argument("--pipeline", default=None,
+                        help=f"pipeline (default from pipelines.yaml): {_names('pipelines')}")
+    parser.add_argument("--model", choices=("student", "teacher", "both"), default="student")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="model.pt to deploy instead of the pipeline's")
+    parser.add_argument("--precision", choices=("int8", "fp16", "fp32"), default=None,
+                        help="default: the target's precision")
+    parser.add_argument("--calib-images", type=int, default=None, help="default: calibration.images of the pipeline")
+    parser.add_argument("--nms", choices=("host", "graph"), default="host",
+                        help="host: numpy post-processing (default); graph: decoding + NMS inside the ONNX graph")
+    parser.add_argument("--work-dir", type=Path, default=None, help="where distill.run wrote checkpoints")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="bundle directory (default artifacts/<pipeline>/<target>, + /<role> with --model both)")
+    add_config_args(parser, with_pipeline=False)
+    add_debug_flag(parser)
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides, pipeline=args.pipeline)
+    pipe = cfg.pipeline(args.pipeline)
+    target = cfg.target(args.target)
+    precision = args.precision or target.precision
+    if target.runtime == "onnxruntime" and precision == "fp16":
+        raise UserError(f"target '{args.target}' runs ONNX Runtime on the CPU: fp32 or int8", where="--precision")
+    roles = ("student", "teacher") if args.model == "both" else (args.model,)
+    if args.checkpoint is not None and len(roles) > 1:
+        raise UserError("--checkpoint names one model, --model both needs two", where="--checkpoint",
+                        fix="build them one at a time with --model student / --model teacher")
+    size = target.input_size or pipe.input_size
+    if size % 32:
+        raise UserError(f"input size {size} is not a multiple of 32", where=f"targets.{args.target}.input_size")
+    base = args.out or cfg.path(cfg.artifacts_dir) / pipe.name / args.target
+    console = Console(stderr=True)
+    rows = []
+    for role in roles:
+        opts = Options(args.target, role, precision, args.calib_images or pipe.calibration.images, args.nms, size)
+        ckpt = args.checkpoint or checkpoint_path(pipe, role, args.work_dir)
+        out = base / role if len(roles) > 1 else base
+        rows.append(build_role(pipe, target, opts, Path(ckpt), Path(out), console))
+    _print_summary(console, rows)
+    return 0
+
+
+def _print_summary(console: Console, rows: list[dict[str, Any]]) -> None:
+    table = Table(title="deploy bundles (AP50 on the test split, ONNX Runtime CPU latency per image)")
+    for col in ("role", "precision", "AP50 fp32", "AP50 int8", "drop", "ms fp32", "ms int8", "status"):
+        table.add_column(col, justify="right" if col not in ("role", "status") else "left")
+    fmt = lambda v, scale=1.0: "-" if v is None else f"{scale * v:.2f}"  # noqa: E731
+    for r in rows:
+        table.add_row(r["role"], r["precision"], fmt(r.get("fp32_ap50"), 100), fmt(r.get("int8_ap50"), 100),
+                      fmt(r.get("drop")), fmt(r.get("fp32_ms")), fmt(r.get("int8_ms")), r["status"])
+    console.print(table)
+    for r in rows:
+        console.print(f"{r['role']}: {r['bundle']}", markup=False, highlight=False)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,200 @@
+"""Post-training INT8 quantization to explicit Q/DQ ONNX, one function per quantizer.
+
+- ``ort-u8s8`` (target cpu): ONNX Runtime static QDQ with uint8 activations and int8 per-channel weights, the
+  combination ORT's CPU kernels run fastest (QLinearConv with u8 activations);
+- ``modelopt`` (TensorRT targets): nvidia-modelopt ONNX PTQ, symmetric int8 Q/DQ placed the way TensorRT fuses it;
+- ``ort-symmetric`` (TensorRT fallback when modelopt is missing): ORT QDQ with int8 activations and weights, both
+  symmetric (TensorRT only accepts zero-point 0).
+
+The head's output convolutions and everything after them stay in float for every quantizer: they produce the
+logits and box deltas the host thresholds and decodes, where int8 steps would move scores across the threshold.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+from polygraphy.backend.base import BaseLoader
+
+from deploy.calibration import CalibrationSet
+from deploy.formats import missing, quiet_tools
+from runtime.errors import UserError
+
+# Module paths (as the TorchScript exporter writes them into node names) of the layers whose outputs are the
+# network's predictions: RetinaNet's two final head convs; Faster R-CNN's RPN predictors (everything of the second
+# stage lies downstream of the proposals) and box predictor.
+OUTPUT_LAYER_PREFIXES = (
+    "/head/classification_head/cls_logits", "/head/regression_head/bbox_reg",
+    "/rpn/head/cls_logits", "/rpn/head/bbox_pred", "/roi_heads/box_predictor/",
+)
+ORT_METHODS = {"entropy": "Entropy", "max": "MinMax", "minmax": "MinMax", "percentile": "Percentile"}
+MODELOPT_METHODS = {"entropy": "entropy", "max": "max", "minmax": "max"}
+
+
+def _downstream(model: onnx.ModelProto, start: list[onnx.NodeProto]) -> set[str]:
+    """Names of the `start` nodes and of every node that consumes, directly or not, one of their outputs."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+    seen, queue = {n.name for n in start}, deque(start)
+    while queue:
+        for out in queue.popleft().output:
+            for nxt in consumers.get(out, []):
+                if nxt.name not in seen:
+                    seen.add(nxt.name)
+                    queue.append(nxt)
+    return seen
+
+
+def prediction_layers(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The first prediction layers: output convs not downstream of another (RetinaNet head, Faster R-CNN RPN)."""
+    start = [n for n in model.graph.node if n.name.startswith(OUTPUT_LAYER_PREFIXES)]
+    if not start:
+        raise UserError("no head output layer found in the ONNX graph (node names lost their module paths)",
+                        where="deploy.export", fix="export with deploy.export.ExportOnnx (TorchScript exporter)")
+    later = set()
+    for node in start:
+        later |= _downstream(model, [node]) - {node.name}
+    return [n for n in start if n.name not in later]
+
+
+def head_output_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the prediction layers' nodes and of every node downstream of them, in graph order."""
+    seen = _downstream(model, prediction_layers(model))
+    return [n.name for n in model.graph.node if n.name in seen]
+
+
+def quantized_nodes(model: onnx.ModelProto) -> set[str]:
+    """Names of compute nodes fed by a DequantizeLinear, i.e. that run on int8 data in a Q/DQ graph."""
+    dq_outputs = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return {n.name for n in model.graph.node
+            if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and any(i in dq_outputs for i in n.input)}
+
+
+def int8_weight_nodes(model: onnx.ModelProto) -> set[str]:
+    """Names of Conv / Gemm / MatMul nodes whose weights come through a DequantizeLinear (int8 compute)."""
+    dq_outputs = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return {n.name for n in model.graph.node
+            if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(n.input) > 1
+            and n.input[1] in dq_outputs}
+
+
+def qdq_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """How many QuantizeLinear / DequantizeLinear nodes a model has."""
+    ops = [n.op_type for n in model.graph.node]
+    return {"QuantizeLinear": ops.count("QuantizeLinear"), "DequantizeLinear": ops.count("DequantizeLinear")}
+
+
+def _ort_quantize(fp32: Path, out: Path, calib: CalibrationSet, exclude: list[str], symmetric: bool) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if calib.method not in ORT_METHODS:
+        raise UserError(f"calibration method '{calib.method}' is not supported by ONNX Runtime",
+                        where="calibration.method", fix=f"use one of {', '.join(ORT_METHODS)}")
+    prepared = out.with_name(out.stem + ".prep.onnx")
+    # Shape inference only: ORT's graph optimisations would rename nodes the exclusion list refers to.
+    with quiet_tools():
+        quant_pre_process(str(fp32), str(prepared), skip_optimization=True)
+    try:
+        with quiet_tools():
+            quantize_static(
+                str(prepared), str(out), calib.reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8, weight_type=QuantType.QInt8,
+                nodes_to_exclude=exclude, calibrate_method=getattr(CalibrationMethod, ORT_METHODS[calib.method]),
+                extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
+            )
+    finally:
+        prepared.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _ort_unpatched_afterwards() -> Iterator[None]:
+    """modelopt patches ONNX Runtime's calibrators and quantizers in place, for good; undo that after the block so
+    a later ORT quantization in the same process (cpu target, fallback, tests) runs ONNX Runtime's own code."""
+    from onnxruntime.quantization import base_quantizer, calibrate, qdq_quantizer
+
+    owners = [calibrate, calibrate.CalibraterBase, calibrate.MinMaxCalibrater, calibrate.HistogramCalibrater,
+              calibrate.HistogramCollector, qdq_quantizer.QDQQuantizer, base_quantizer.BaseQuantizer]
+    saved = [(owner, dict(vars(owner))) for owner in owners]
+    try:
+        yield
+    finally:
+        for owner, before in saved:
+            for key, value in before.items():
+                if vars(owner).get(key) is not value:
+                    setattr(owner, key, value)
+
+
+def _modelopt_quantize(fp32: Path, out: Path, calib: CalibrationSet, exclude: list[str], dla: bool) -> None:
+    from modelopt.onnx.quantization import quantize as modelopt_quantize
+
+    if calib.method not in MODELOPT_METHODS:
+        raise UserError(f"calibration method '{calib.method}' is not supported by nvidia-modelopt",
+                        where="calibration.method", fix="use entropy or max")
+    with quiet_tools(), _ort_unpatched_afterwards():  # modelopt logs every step and prints progress bars
+        modelopt_quantize(
+            str(fp32), quantize_mode="int8", calibration_data_reader=calib.reader(),
+            calibration_method=MODELOPT_METHODS[calib.method], calibration_eps=["cpu"],
+            nodes_to_exclude=[f"^{re.escape(n)}$" for n in exclude],  # modelopt takes regular expressions
+            high_precision_dtype="fp32",  # float parts stay fp32 so ORT on the CPU runs the very same graph
+            output_path=str(out), log_level="ERROR", target_dla=dla,
+        )
+
+
+@dataclass
+class QuantizeResult:
+    """What a quantization produced: path, quantizer actually used, nodes kept in float, Q/DQ counts."""
+
+    path: Path
+    quantizer: str
+    requested: str
+    kept_float: list[str] = field(default_factory=list)
+    qdq: dict[str, int] = field(default_factory=dict)
+    note: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict (without the node list, which can be long)."""
+        return {"file": self.path.name, "quantizer": self.quantizer, "requested": self.requested,
+                "kept_float_nodes": len(self.kept_float), "qdq": self.qdq, "note": self.note}
+
+
+class QuantizeOnnx(BaseLoader):
+    """Loader: quantize an FP32 ONNX file to an INT8 Q/DQ file; returns a QuantizeResult."""
+
+    def __init__(self, fp32: str | Path | BaseLoader, out: str | Path, calib: CalibrationSet, quantizer: str,
+                 keep_float: list[str] | tuple[str, ...] = (), dla: bool = False):
+        self.fp32, self.out, self.calib = fp32, Path(out), calib
+        self.quantizer, self.keep_float, self.dla = quantizer, list(keep_float), dla
+
+    def call_impl(self) -> QuantizeResult:
+        """Quantize with head outputs (and `keep_float`) excluded; writes atomically."""
+        fp32 = Path(self.fp32() if callable(self.fp32) else self.fp32)
+        model = onnx.load(str(fp32))
+        exclude = list(dict.fromkeys(head_output_nodes(model) + self.keep_float))
+        used, note = self.quantizer, ""
+        if used == "modelopt" and missing("onnx-int8-modelopt"):
+            used, note = "ort-symmetric", "nvidia-modelopt is not installed: used ONNX Runtime symmetric Q/DQ"
+        tmp = self.out.with_name(self.out.stem + ".tmp.onnx")
+        try:
+            if used == "modelopt":
+                _modelopt_quantize(fp32, tmp, self.calib, exclude, self.dla)
+            elif used in ("ort-u8s8", "ort-symmetric"):
+                _ort_quantize(fp32, tmp, self.calib, exclude, symmetric=used == "ort-symmetric")
+            else:
+                raise UserError(f"unknown quantizer '{used}'", where="targets.*.quantizer",
+                                fix="use ort-u8s8, modelopt or ort-symmetric")
+            quantized = onnx.load(str(tmp))
+            onnx.checker.check_model(quantized)
+            os.replace(tmp, self.out)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return QuantizeResult(self.out, used, self.quantizer, exclude, qdq_counts(quantized), note)

@@ -1,0 +1,378 @@
+"""pipelines.yaml: the one typed loader every CLI uses.
+
+Validation errors name the key path and the line in the file; `--set a.b=c` overrides go through the same checks.
+A key path given to `--set` that does not start with a top-level section is relative to the selected pipeline, and
+walking into a pipeline's `dataset`/`teacher`/`student` reference inlines a copy of the referenced entry first.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from runtime.errors import UserError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "pipelines.yaml"
+TOP_LEVEL = ("default_pipeline", "work_dir", "artifacts_dir", "datasets", "models", "pipelines", "targets")
+
+
+class Strict(BaseModel):
+    """Base for every config section: unknown keys and wrong types are errors."""
+
+    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+
+
+class ModelSpec(Strict):
+    """A detector: architecture, backbone, FPN width, head depth, initialisation and normalisation."""
+
+    arch: Literal["retinanet", "faster_rcnn"]
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnext101_64x4d"]
+    fpn_width: int = Field(256, gt=0)
+    head_convs: int = Field(4, ge=1)
+    pretrained_backbone: bool = False
+    norm: Literal["frozen_bn", "bn"] = "frozen_bn"
+    roi_fc_width: int = Field(1024, gt=0)  # Faster R-CNN: width of the two shared FCs of the RoI box head
+    mmdet_compat: bool = False  # set by distill.import_mmdet: reproduce MMDetection's conventions exactly
+
+
+class AmplifierSpec(Strict):
+    """The stage-2 high-frequency amplifier: a copy of the teacher head trained on hf(teacher features)."""
+
+    init_from_teacher: bool = True
+
+
+class StageSchedule(Strict):
+    """Optimiser and learning-rate schedule of one training stage."""
+
+    epochs: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(gt=0)
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = Field(500, ge=0)
+    warmup_factor: float = Field(0.001, gt=0, le=1)
+    milestones: list[int] = []
+    gamma: float = 0.1
+    clip_grad: float | None = None
+    eval_every: int = Field(1, ge=1)
+    amp: bool = True
+    workers: int = Field(2, ge=0)
+    seed: int = 0
+    augment_flip: bool = True
+
+
+class ScheduleConfig(Strict):
+    """One schedule per stage."""
+
+    teacher: StageSchedule
+    amplifier: StageSchedule
+    student: StageSchedule
+
+
+class DistillWeights(Strict):
+    """The four DS2D2 loss weights (explicit low/high band, implicit full/high-frequency amplifier)."""
+
+    explicit_low: float = Field(ge=0)
+    explicit_high: float = Field(ge=0)
+    implicit_full: float = Field(ge=0)
+    implicit_high: float = Field(ge=0)
+
+
+class DistillConfig(Strict):
+    """Distillation method and its weights."""
+
+    method: Literal["ds2d2", "none", "fitnet", "pkd"] = "ds2d2"
+    weights: DistillWeights
+    adapter: Literal["shared", "per_level"] = "shared"
+    baseline_weight: float = Field(1.0, ge=0)
+    temperature: float = Field(3.0, gt=0)
+
+
+class TestConfig(Strict):
+    """Detection thresholds at test time (the reference's: 0.05, NMS 0.5, 100 boxes, 1000 candidates per level)."""
+
+    __test__ = False  # not a pytest class
+    score_thresh: float = Field(0.05, ge=0, le=1)
+    nms_iou: float = Field(0.5, gt=0, le=1)
+    max_detections: int = Field(100, gt=0)
+    topk_candidates: int = Field(1000, gt=0)
+
+
+class CalibrationConfig(Strict):
+    """INT8 calibration: how many training images, which split, which algorithm."""
+
+    images: int = Field(64, gt=0)
+    split: str = "train"
+    method: Literal["entropy", "max", "minmax", "percentile"] = "entropy"
+    seed: int = 0
+
+    @field_validator("split")
+    @classmethod
+    def _never_test(cls, value: str) -> str:
+        if "test" in value.lower():
+            raise ValueError("calibration must use a training split, never the test split")
+        return value
+
+
+class DeployConfig(Strict):
+    """Export and accuracy-gate settings."""
+
+    opset: int = Field(17, ge=17)
+    dynamic_batch: bool = False
+    fidelity_atol: float = Field(1e-3, gt=0)
+    fidelity_rtol: float = Field(1e-3, ge=0)
+    ap50_drop_limit: float = Field(1.0, ge=0)
+    sensitivity_groups: int = Field(8, ge=1)
+    eval_images: int | None = Field(None, gt=0)
+
+
+class DatasetConfig(Strict):
+    """Where a dataset lives, its format, splits and classes; `synthetic` makes it generated on demand."""
+
+    format: Literal["dior", "dota", "coco"]
+    root: str
+    train_split: str
+    test_split: str
+    val_split: str | None = None
+    classes: str | list[str] = "dior"
+    synthetic: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _check_synthetic(self) -> DatasetConfig:
+        if self.synthetic is not None:
+            from runtime.data.synthetic import SyntheticParams  # lazy: the data layer imports this module
+
+            SyntheticParams(**self.synthetic)
+        return self
+
+
+class PipelineSpec(Strict):
+    """A pipeline as written: references (or inline entries) plus its own sections."""
+
+    description: str = ""
+    dataset: str | DatasetConfig
+    teacher: str | ModelSpec
+    student: str | ModelSpec
+    amplifier: AmplifierSpec = AmplifierSpec()
+    input_size: int = Field(gt=0)
+    distill: DistillConfig
+    schedule: ScheduleConfig
+    test: TestConfig = TestConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
+    deploy: DeployConfig = DeployConfig()
+
+    @field_validator("input_size")
+    @classmethod
+    def _multiple_of_32(cls, value: int) -> int:
+        if value % 32:
+            raise ValueError(f"input_size must be a multiple of 32 (the FPN's largest stride), got {value}")
+        return value
+
+
+class TargetConfig(Strict):
+    """A deploy target: the runtime it feeds and the engine settings it needs."""
+
+    description: str = ""
+    runtime: Literal["tensorrt", "onnxruntime"]
+    input_size: int | None = Field(None, gt=0)
+    precision: Literal["int8", "fp16", "fp32"] = "int8"
+    workspace_mb: int = Field(2048, gt=0)
+    dla_core: int | None = Field(None, ge=0)
+    trt_major: int | None = Field(None, ge=8)
+    quantizer: Literal["ort-u8s8", "modelopt", "ort-symmetric"] = "modelopt"
+
+
+class ProjectConfig(Strict):
+    """The whole of pipelines.yaml."""
+
+    default_pipeline: str
+    work_dir: str = "runs"
+    artifacts_dir: str = "artifacts"
+    datasets: dict[str, DatasetConfig]
+    models: dict[str, ModelSpec]
+    pipelines: dict[str, PipelineSpec]
+    targets: dict[str, TargetConfig]
+    base_dir: Path = Path(".")
+
+    @model_validator(mode="after")
+    def _check_references(self) -> ProjectConfig:
+        if self.default_pipeline not in self.pipelines:
+            raise ValueError(f"default_pipeline '{self.default_pipeline}' is not a pipeline")
+        for name, pipe in self.pipelines.items():
+            for key, table in (("dataset", self.datasets), ("teacher", self.models), ("student", self.models)):
+                ref = getattr(pipe, key)
+                if isinstance(ref, str) and ref not in table:
+                    raise _Dangling(("pipelines", name, key), f"'{ref}' is not defined (known: {', '.join(table)})")
+        return self
+
+    def pipeline(self, name: str | None = None) -> Pipeline:
+        """The named (or default) pipeline with every reference resolved."""
+        name = name or self.default_pipeline
+        if name not in self.pipelines:
+            raise UserError(f"unknown pipeline '{name}'", fix=f"choose one of: {', '.join(self.pipelines)}")
+        spec = self.pipelines[name]
+        return Pipeline(
+            name=name,
+            spec=spec,
+            dataset=self.datasets[spec.dataset] if isinstance(spec.dataset, str) else spec.dataset,
+            teacher=self.models[spec.teacher] if isinstance(spec.teacher, str) else spec.teacher,
+            student=self.models[spec.student] if isinstance(spec.student, str) else spec.student,
+            project=self,
+        )
+
+    def target(self, name: str) -> TargetConfig:
+        """The named deploy target; unknown names list the known ones."""
+        if name not in self.targets:
+            raise UserError(f"unknown target '{name}'", fix=f"choose one of: {', '.join(self.targets)}")
+        return self.targets[name]
+
+    def path(self, relative: str | Path) -> Path:
+        """A path from the config, resolved against the directory of pipelines.yaml."""
+        p = Path(relative)
+        return p if p.is_absolute() else (self.base_dir / p)
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """A resolved pipeline: its spec plus the dataset and model entries it references."""
+
+    name: str
+    spec: PipelineSpec
+    dataset: DatasetConfig
+    teacher: ModelSpec
+    student: ModelSpec
+    project: ProjectConfig
+
+    def __getattr__(self, item: str) -> Any:
+        if item.startswith("__") or item == "spec":
+            raise AttributeError(item)
+        # distill, schedule, test, calibration, deploy, input_size, amplifier come straight from the spec
+        return getattr(self.spec, item)
+
+    @property
+    def dataset_root(self) -> Path:
+        """The dataset root as an absolute path."""
+        return self.project.path(self.dataset.root)
+
+    @property
+    def work_dir(self) -> Path:
+        """Where this pipeline's checkpoints, logs and summaries go."""
+        return self.project.path(self.project.work_dir) / self.name
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fully resolved pipeline as plain data (stored in checkpoints and hashed for stage reuse)."""
+        data = self.spec.model_dump(mode="json")
+        data.update(
+            name=self.name,
+            dataset=self.dataset.model_dump(mode="json"),
+            teacher=self.teacher.model_dump(mode="json"),
+            student=self.student.model_dump(mode="json"),
+        )
+        return data
+
+
+class _Dangling(ValueError):
+    def __init__(self, loc: tuple[str, ...], msg: str):
+        self.loc = loc
+        super().__init__(msg)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                pipeline: str | None = None) -> ProjectConfig:
+    """Read, override and validate pipelines.yaml; any problem is one UserError naming key path and line."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise UserError("config file not found", where=str(path), fix="run from the repository root or pass --config")
+    text = path.read_text()
+    try:
+        root_node = yaml.compose(text)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"not valid YAML ({getattr(exc, 'problem', exc)})", where=where) from None
+    if not isinstance(raw, dict):
+        raise UserError("expected a mapping at the top level", where=str(path))
+    overridden: set[tuple[str, ...]] = set()
+    for item in overrides:
+        overridden.add(_apply_override(raw, item, pipeline))
+    try:
+        return ProjectConfig(**raw, base_dir=path.resolve().parent)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(str(p) for p in err["loc"])
+        ctx_error = (err.get("ctx") or {}).get("error")
+        if isinstance(ctx_error, _Dangling):
+            loc = ctx_error.loc
+        msg = str(ctx_error) if ctx_error is not None else err["msg"]
+        key = ".".join(loc) or "(top level)"
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        where = f"{path}:{_line_of(root_node, loc)}" if _line_of(root_node, loc) else str(path)
+        if any(loc[: len(o)] == o for o in overridden):
+            where = f"--set {'.'.join(loc)}"
+        raise UserError(f"{key}: {msg}{more}", where=where, fix="see the other pipelines in pipelines.yaml for the schema") from None
+
+
+def _apply_override(raw: dict, item: str, pipeline: str | None) -> tuple[str, ...]:
+    """Apply one `a.b=c` override in place; returns the absolute key path it touched."""
+    if "=" not in item:
+        raise UserError(f"override '{item}' is not KEY=VALUE", where="--set", fix="e.g. --set schedule.student.epochs=2")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    if parts[0] not in TOP_LEVEL:
+        pipe = pipeline or raw.get("default_pipeline")
+        if pipe not in raw.get("pipelines", {}):
+            raise UserError(f"override '{key}' is relative to a pipeline, but '{pipe}' is not one", where="--set")
+        parts = ["pipelines", pipe, *parts]
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        if not isinstance(node, dict):
+            raise UserError(f"cannot set '{key}': '{'.'.join(parts[:depth])}' is not a mapping", where="--set")
+        child = node.get(part)
+        if isinstance(child, str) and depth >= 2 and parts[0] == "pipelines" and part in ("dataset", "teacher", "student"):
+            table = raw.get("datasets" if part == "dataset" else "models", {})
+            child = copy.deepcopy(table.get(child, {}))  # inline the referenced entry so only this pipeline changes
+            node[part] = child
+        elif child is None:
+            child = node[part] = {}
+        node = child
+    if not isinstance(node, dict):
+        raise UserError(f"cannot set '{key}': its parent is not a mapping", where="--set")
+    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    return tuple(parts)
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[str, ...]) -> int | None:
+    """1-based line of the deepest YAML node on the key path `loc`."""
+    line = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            nxt = next((v for k, v in node.value if str(k.value) == part), None)
+            if nxt is None:
+                key_node = next((k for k, _ in node.value if str(k.value) == part), None)
+                return key_node.start_mark.line + 1 if key_node else line
+            node = nxt
+        elif isinstance(node, yaml.SequenceNode) and part.isdigit() and int(part) < len(node.value):
+            node = node.value[int(part)]
+        else:
+            break
+        line = node.start_mark.line + 1
+    return line
+
+
+def add_config_args(parser: Any, with_pipeline: bool = True) -> None:
+    """Add --config and --set (and the pipeline argument) to an argparse parser, listing pipeline names."""
+    try:
+        names = ", ".join(yaml.safe_load(DEFAULT_CONFIG.read_text()).get("pipelines", {}))
+    except Exception:  # the help text must never fail; load_config reports problems properly
+        names = "see pipelines.yaml"
+    if with_pipeline:
+        parser.add_argument("pipeline", nargs="?", default=None, help=f"pipeline name (default from pipelines.yaml): {names}")
+    parser.add_argument("--config", default=None, help="path to pipelines.yaml (default: the repository's)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set schedule.student.epochs=2 (validated like the file)")

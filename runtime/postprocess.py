@@ -1,0 +1,197 @@
+"""Detector outputs -> boxes, scores, labels in numpy, reproducing torchvision's RetinaNet post-processing.
+
+``RetinaNetPostprocess`` mirrors ``RetinaNet.postprocess_detections``: per FPN level, sigmoid scores above the
+threshold, the top-k of them, box decoding (BoxCoder weights, dw/dh clamped at log(1000/16)) from the anchors of
+:mod:`runtime.anchors`, clipping to the image; then class-wise NMS over all levels and the best ``max_detections``.
+``DetectionsPostprocess`` handles networks whose graph already ends in boxes / scores / labels (Faster R-CNN).
+Boxes come out in network-input pixels; ``Transform.boxes_to_original`` maps them back to the image.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from runtime.anchors import AnchorSpec, generate_anchors
+from runtime.errors import UserError
+from runtime.nms import batched_nms
+
+BBOX_XFORM_CLIP = math.log(1000.0 / 16)
+
+
+class PostprocessSpec(BaseModel):
+    """Post-processing of one exported network; stored in the deploy bundle's manifest."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["retinanet", "detections"]
+    num_classes: int = Field(gt=0)
+    anchors: AnchorSpec | None = None
+    score_thresh: float = Field(0.05, ge=0, lt=1)
+    nms_iou: float = Field(0.5, gt=0, le=1)
+    max_detections: int = Field(100, gt=0)
+    topk_candidates: int = Field(1000, gt=0)
+    box_coder_weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
+    # 'detections' graphs may number classes from 1 (torchvision Faster R-CNN keeps 0 for background).
+    label_offset: int = 0
+
+    @model_validator(mode="after")
+    def _anchors_for_retinanet(self) -> "PostprocessSpec":
+        if self.kind == "retinanet" and self.anchors is None:
+            raise ValueError("kind 'retinanet' needs 'anchors'")
+        return self
+
+
+@dataclass
+class Detections:
+    """Detections of one image: boxes float32 (N, 4) xyxy px, scores float32 (N,), labels int64 (N,) 0-based."""
+
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    scores: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32))
+    labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def to_coco_results(self, image_id: int, category_offset: int = 1) -> list[dict[str, Any]]:
+        """COCO results entries (bbox xywh); category_id = label + ``category_offset`` (our COCO dicts use +1)."""
+        xywh = np.concatenate([self.boxes[:, :2], self.boxes[:, 2:] - self.boxes[:, :2]], axis=1).tolist()
+        return [{"image_id": image_id, "category_id": int(label) + category_offset, "bbox": box, "score": float(score)}
+                for box, score, label in zip(xywh, self.scores, self.labels)]
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """Logistic function in the input's dtype, computed as torch does: 1 / (1 + exp(-x))."""
+    with np.errstate(over="ignore"):  # exp overflow -> inf -> 0, the right limit
+        return np.reciprocal(1 + np.exp(-x))
+
+
+def decode_boxes(rel_codes: np.ndarray, anchors: np.ndarray, weights: tuple[float, float, float, float]) -> np.ndarray:
+    """Decode (dx, dy, dw, dh) against xyxy anchors in float32, like torchvision's BoxCoder.decode_single."""
+    rel_codes = np.asarray(rel_codes, np.float32)
+    widths = anchors[:, 2] - anchors[:, 0]
+    heights = anchors[:, 3] - anchors[:, 1]
+    ctr_x = anchors[:, 0] + np.float32(0.5) * widths
+    ctr_y = anchors[:, 1] + np.float32(0.5) * heights
+    wx, wy, ww, wh = (np.float32(w) for w in weights)
+    clip = np.float32(BBOX_XFORM_CLIP)
+    dx, dy = rel_codes[:, 0] / wx, rel_codes[:, 1] / wy
+    dw, dh = np.minimum(rel_codes[:, 2] / ww, clip), np.minimum(rel_codes[:, 3] / wh, clip)
+    pred_ctr_x, pred_ctr_y = dx * widths + ctr_x, dy * heights + ctr_y
+    half_w, half_h = np.float32(0.5) * (np.exp(dw) * widths), np.float32(0.5) * (np.exp(dh) * heights)
+    return np.stack([pred_ctr_x - half_w, pred_ctr_y - half_h, pred_ctr_x + half_w, pred_ctr_y + half_h], axis=1)
+
+
+def clip_boxes(boxes: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
+    """Clip xyxy boxes to a (height, width) image."""
+    height, width = image_size
+    return np.clip(boxes, 0, np.array([width, height, width, height], boxes.dtype))
+
+
+def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k highest scores, highest first (argpartition first: candidate counts can be large)."""
+    if scores.size > 2 * k:
+        part = np.argpartition(-scores, k - 1)[:k]
+        return part[np.argsort(-scores[part], kind="stable")]
+    return np.argsort(-scores, kind="stable")[:k]
+
+
+def _select(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, keep: np.ndarray) -> Detections:
+    return Detections(np.ascontiguousarray(boxes[keep], np.float32), scores[keep].astype(np.float32),
+                      labels[keep].astype(np.int64))
+
+
+class RetinaNetPostprocess:
+    """RetinaNet head outputs (concatenated over P3-P7) -> Detections, as torchvision's postprocess_detections."""
+
+    def __init__(self, spec: PostprocessSpec):
+        if spec.kind != "retinanet" or spec.anchors is None:
+            raise ValueError(f"RetinaNetPostprocess needs a 'retinanet' spec with anchors, got kind {spec.kind!r}")
+        self.spec = spec
+        thresh = spec.score_thresh
+        # Threshold on logits first (sigmoid is monotonic) so only candidates pay for the sigmoid; the margin keeps
+        # float32 rounding at the boundary on the safe side, the exact test on scores follows.
+        self._logit_floor = -np.inf if thresh <= 0 else math.log(thresh / (1 - thresh)) - 1e-3
+
+    def __call__(self, cls_logits: np.ndarray, bbox_regression: np.ndarray, image_size: tuple[int, int]) -> Detections:
+        """Post-process one image: cls_logits (A, C), bbox_regression (A, 4); image_size = input (height, width)."""
+        spec = self.spec
+        anchors, per_level = generate_anchors(spec.anchors, image_size)
+        cls_logits = np.asarray(cls_logits, np.float32)
+        bbox_regression = np.asarray(bbox_regression, np.float32)
+        if cls_logits.shape != (len(anchors), spec.num_classes) or bbox_regression.shape != (len(anchors), 4):
+            raise UserError(
+                f"network outputs cls_logits {cls_logits.shape} / bbox_regression {bbox_regression.shape} do not "
+                f"match {len(anchors)} anchors x {spec.num_classes} classes for input {tuple(image_size)}",
+                "postprocess", "the manifest's anchors, num_classes and input size must be those of the exported model")
+        num_classes = spec.num_classes
+        all_boxes, all_scores, all_labels = [], [], []
+        start = 0
+        for count in per_level:
+            stop = start + count
+            flat = cls_logits[start:stop].reshape(-1)
+            idx = np.flatnonzero(flat > self._logit_floor)
+            scores = sigmoid(flat[idx])
+            keep = scores > spec.score_thresh
+            idx, scores = idx[keep], scores[keep]
+            top = _top_k(scores, min(spec.topk_candidates, idx.size))
+            idx, scores = idx[top], scores[top]
+            anchor_idx = start + idx // num_classes
+            boxes = decode_boxes(bbox_regression[anchor_idx], anchors[anchor_idx], spec.box_coder_weights)
+            all_boxes.append(clip_boxes(boxes, image_size))
+            all_scores.append(scores)
+            all_labels.append(idx % num_classes)
+            start = stop
+        boxes = np.concatenate(all_boxes)
+        scores = np.concatenate(all_scores)
+        labels = np.concatenate(all_labels).astype(np.int64)
+        keep = batched_nms(boxes, scores, labels, spec.nms_iou, max_keep=spec.max_detections)
+        return _select(boxes, scores, labels, keep)
+
+    def from_outputs(self, outputs: Mapping[str, np.ndarray], image_size: tuple[int, int]) -> list[Detections]:
+        """Post-process a batch given the network's named outputs ``cls_logits`` (B, A, C), ``bbox_regression``."""
+        cls_logits, bbox = _named(outputs, ("cls_logits", "bbox_regression"))
+        if cls_logits.ndim == 2:
+            cls_logits, bbox = cls_logits[None], bbox[None]
+        return [self(c, b, image_size) for c, b in zip(cls_logits, bbox)]
+
+
+class DetectionsPostprocess:
+    """Outputs that already are detections (boxes, scores, labels): shift labels, threshold, clip, keep the best."""
+
+    def __init__(self, spec: PostprocessSpec):
+        self.spec = spec
+
+    def __call__(self, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
+                 image_size: tuple[int, int]) -> Detections:
+        """Filter one image's detections (boxes (N, 4) xyxy in input pixels)."""
+        boxes = clip_boxes(np.asarray(boxes, np.float32).reshape(-1, 4), image_size)
+        scores = np.asarray(scores, np.float32).reshape(-1)
+        labels = np.asarray(labels, np.int64).reshape(-1) - self.spec.label_offset
+        valid = np.flatnonzero((scores > self.spec.score_thresh) & (labels >= 0) & (labels < self.spec.num_classes))
+        keep = valid[_top_k(scores[valid], min(self.spec.max_detections, valid.size))]
+        return _select(boxes, scores, labels, keep)
+
+    def from_outputs(self, outputs: Mapping[str, np.ndarray], image_size: tuple[int, int]) -> list[Detections]:
+        """Post-process named outputs ``boxes``, ``scores``, ``labels``, with or without a batch axis."""
+        boxes, scores, labels = _named(outputs, ("boxes", "scores", "labels"))
+        if boxes.ndim == 2:
+            boxes, scores, labels = boxes[None], scores[None], labels[None]
+        return [self(b, s, lab, image_size) for b, s, lab in zip(boxes, scores, labels)]
+
+
+def _named(outputs: Mapping[str, np.ndarray], names: tuple[str, ...]) -> list[np.ndarray]:
+    missing = [n for n in names if n not in outputs]
+    if missing:
+        raise UserError(f"network outputs {sorted(outputs)} lack {missing}", "postprocess",
+                        "export the model with the output names the manifest's postprocess kind expects")
+    return [np.asarray(outputs[n]) for n in names]
+
+
+def build_postprocess(spec: PostprocessSpec) -> RetinaNetPostprocess | DetectionsPostprocess:
+    """The post-processor for ``spec.kind``."""
+    return RetinaNetPostprocess(spec) if spec.kind == "retinanet" else DetectionsPostprocess(spec)
