@@ -25,8 +25,8 @@ from deploy.export import AutocastFp16, ExportOnnx, SimplifyOnnx, deploy_network
 from deploy.fidelity import check_fidelity
 from deploy.gate import accuracy_gate, evaluate_models
 from deploy.quantize import QuantizeOnnx
-from deploy.tensorrt import (CALIB_CACHE, build_calibration_cache, build_engine, build_engine_script, engine_plan,
-                             tensorrt_status, trtexec_command)
+from deploy.tensorrt import (CALIB_CACHE, FP16_ONNX, FP32_ONNX, INT8_ONNX, build_calibration_cache, build_engine,
+                             build_engine_script, engine_plan, tensorrt_status, trtexec_command)
 from runtime.cli import add_debug_flag, run_cli
 from runtime.config import DEFAULT_CONFIG, add_config_args, load_config
 from runtime.errors import UserError
@@ -117,10 +117,16 @@ def build_role(pipe: Any, target: Any, opts: Options, checkpoint: Path, out_dir:
         return {**info["summary"], "bundle": str(out_dir), "status": "reused"}
     model, meta = _load_model(checkpoint)
     classes = list(meta.get("classes") or [])
+    if not classes:
+        raise UserError("checkpoint has no class names", where=str(checkpoint), fix="rewrite it with distill.run")
     size = opts.input_size
+    if meta.get("input_size") not in (None, size):
+        say(f"note: trained at {meta['input_size']} px, exported at the target's {size} px")
     net = deploy_network(model, size, opts.nms)
     anchors = _anchor_spec(model, size) if net.kind == "retinanet" else None
-    calib = calibration_set(pipe, size, opts.calib_images)
+    # fp32 / fp16 builds only need images for the fidelity check
+    calib = calibration_set(pipe, size, opts.calib_images if opts.precision == "int8"
+                            else min(opts.calib_images, FIDELITY_IMAGES))
     test = pipe.test
     post = PostprocessSpec(kind=net.kind, num_classes=len(classes), anchors=anchors, score_thresh=test.score_thresh,
                            nms_iou=test.nms_iou, max_detections=test.max_detections,
@@ -131,9 +137,9 @@ def build_role(pipe: Any, target: Any, opts: Options, checkpoint: Path, out_dir:
     described: dict[str, str] = {}
     gate_dict, engine_info, summary = None, None, {"role": opts.role, "precision": opts.precision}
     with BundleWriter(out_dir) as bundle:
-        fp32_path = bundle.path("model_fp32.onnx", "onnx-fp32", "fp32")
+        fp32_path = bundle.path(FP32_ONNX, "onnx-fp32", "fp32")
         SimplifyOnnx(ExportOnnx(net, fp32_path, size, pipe.deploy.opset, pipe.deploy.dynamic_batch))()
-        described["model_fp32.onnx"] = "FP32 network, input `images` normalised NCHW"
+        described[FP32_ONNX] = "FP32 network, input `images` normalised NCHW"
         fidelity = check_fidelity(net.module, net.output_names, fp32_path, calib.feeds(FIDELITY_IMAGES),
                                   pipe.deploy.fidelity_atol, pipe.deploy.fidelity_rtol)
         bundle.write_json("fidelity.json", fidelity.as_dict(), "fidelity")
@@ -145,40 +151,11 @@ def build_role(pipe: Any, target: Any, opts: Options, checkpoint: Path, out_dir:
                             "if the difference is numerical noise")
         say(f"exported {fp32_path.name}: ONNX Runtime matches PyTorch ({fidelity.worst()})")
         if opts.precision == "int8":
-            bundle.write_json("calibration.json", calib.manifest(), "calib-manifest")
-            described["calibration.json"] = f"{len(calib)} calibration images ({calib.split} split) + preprocessing"
-            dla = plan is not None and plan.dla_core is not None
-            int8_path = bundle.path("model_int8.onnx", "onnx-int8", "int8")
-            quantizer = target.quantizer
-            first = QuantizeOnnx(fp32_path, int8_path, calib, quantizer, dla=dla)()
-            if first.note:
-                say(first.note)
-            say(f"quantized with {first.quantizer}: {first.qdq['QuantizeLinear']} Q / "
-                f"{first.qdq['DequantizeLinear']} DQ nodes, head outputs in float")
-            records = load_split(pipe, pipe.dataset.test_split).records[: pipe.deploy.eval_images]
-            report, final = accuracy_gate(
-                fp32_path, first,
-                requantize=lambda keep: QuantizeOnnx(fp32_path, int8_path, calib, quantizer, keep, dla)(),
-                evaluate=lambda paths: evaluate_models(paths, records, classes, calib.spec, post),
-                limit=pipe.deploy.ap50_drop_limit, max_groups=pipe.deploy.sensitivity_groups,
-                feeds=calib.feeds(min(8, len(calib))), progress=say)
-            gate_dict = report.as_dict()
-            bundle.write_json("accuracy_gate.json", gate_dict, "accuracy-gate")
-            described["model_int8.onnx"] = f"INT8 explicit Q/DQ ({final.quantizer}), head outputs in float"
-            described["accuracy_gate.json"] = "AP50 of FP32 and INT8 on the test split, sensitivity table"
-            if report.sensitivity:
-                bundle.write_json("sensitivity.json", report.sensitivity, "sensitivity")
-                described["sensitivity.json"] = "output drift per layer group left in float"
-            summary.update(fp32_ap50=report.fp32.AP50, int8_ap50=report.int8.AP50, drop=report.drop_ap50,
-                           fp32_ms=report.fp32.latency_ms_median, int8_ms=report.int8.latency_ms_median)
-            if not report.passed:
-                kept = bundle.keep_failed(failed_dir)
-                raise UserError(f"INT8 AP50 drop {report.drop_ap50:.2f} stays above the limit "
-                                f"{report.limit:g} even with {report.kept_float_groups} in float", where=str(kept),
-                                fix="raise deploy.ap50_drop_limit, calibrate on more images, or use --precision fp16")
-        if plan is not None and plan.onnx_file == "model_fp16.onnx":
-            AutocastFp16(fp32_path, bundle.path("model_fp16.onnx", "onnx-fp16", "fp16"))()
-            described["model_fp16.onnx"] = "mixed FP16 (ModelOpt AutoCast) for strongly typed TensorRT"
+            gate_dict = _quantize_and_gate(bundle, pipe, target, plan, calib, post, classes, failed_dir, described,
+                                           summary, say)
+        if plan is not None and plan.onnx_file == FP16_ONNX:
+            AutocastFp16(fp32_path, bundle.path(FP16_ONNX, "onnx-fp16", "fp16"))()
+            described[FP16_ONNX] = "mixed FP16 (ModelOpt AutoCast) for strongly typed TensorRT"
         engine_note = "The target runs the ONNX files with ONNX Runtime; no TensorRT engine is involved."
         if plan is not None:
             engine_note, engine_info = _tensorrt(bundle, plan, opts, calib, fp32_path, described, say)
@@ -196,6 +173,44 @@ def build_role(pipe: Any, target: Any, opts: Options, checkpoint: Path, out_dir:
     return {**summary, "bundle": str(out_dir), "status": "built"}
 
 
+def _quantize_and_gate(bundle: BundleWriter, pipe: Any, target: Any, plan: Any, calib: Any, post: PostprocessSpec,
+                       classes: list[str], failed_dir: Path, described: dict[str, str], summary: dict[str, Any],
+                       say: Any) -> dict[str, Any]:
+    """INT8 Q/DQ with the target's quantizer, then the accuracy gate (and sensitivity pass); returns the gate report."""
+    fp32_path = bundle.tmp / FP32_ONNX
+    bundle.write_json("calibration.json", calib.manifest(), "calib-manifest")
+    described["calibration.json"] = f"{len(calib)} calibration images ({calib.split} split) + preprocessing"
+    dla = plan is not None and plan.dla_core is not None
+    int8_path = bundle.path(INT8_ONNX, "onnx-int8", "int8")
+    first = QuantizeOnnx(fp32_path, int8_path, calib, target.quantizer, dla=dla)()
+    if first.note:
+        say(first.note)
+    say(f"quantized with {first.quantizer}: {first.qdq['QuantizeLinear']} Q / {first.qdq['DequantizeLinear']} DQ "
+        "nodes, head outputs in float")
+    records = load_split(pipe, pipe.dataset.test_split).records[: pipe.deploy.eval_images]
+    report, final = accuracy_gate(
+        fp32_path, first,
+        requantize=lambda keep: QuantizeOnnx(fp32_path, int8_path, calib, target.quantizer, keep, dla)(),
+        evaluate=lambda paths: evaluate_models(paths, records, classes, calib.spec, post),
+        limit=pipe.deploy.ap50_drop_limit, max_groups=pipe.deploy.sensitivity_groups,
+        feeds=calib.feeds(min(8, len(calib))), progress=say)
+    gate = report.as_dict()
+    bundle.write_json("accuracy_gate.json", gate, "accuracy-gate")
+    described[INT8_ONNX] = f"INT8 explicit Q/DQ ({final.quantizer}), head outputs in float"
+    described["accuracy_gate.json"] = "AP50 of FP32 and INT8 on the test split, sensitivity table"
+    if report.sensitivity:
+        bundle.write_json("sensitivity.json", report.sensitivity, "sensitivity")
+        described["sensitivity.json"] = "output drift per layer group left in float"
+    summary.update(fp32_ap50=report.fp32.AP50, int8_ap50=report.int8.AP50, drop=report.drop_ap50,
+                   fp32_ms=report.fp32.latency_ms_median, int8_ms=report.int8.latency_ms_median)
+    if not report.passed:
+        kept = bundle.keep_failed(failed_dir)
+        raise UserError(f"INT8 AP50 drop {report.drop_ap50:.2f} stays above the limit {report.limit:g} even with "
+                        f"{report.kept_float_groups} in float", where=str(kept),
+                        fix="raise deploy.ap50_drop_limit, calibrate on more images, or use --precision fp16")
+    return gate
+
+
 def _tensorrt(bundle: BundleWriter, plan: Any, opts: Options, calib: Any, fp32_path: Path,
               described: dict[str, str], say: Any) -> tuple[str, Any]:
     """Build the engine where possible; always write build_engine.sh. Returns (README note, EngineInfo | None)."""
@@ -204,7 +219,8 @@ def _tensorrt(bundle: BundleWriter, plan: Any, opts: Options, calib: Any, fp32_p
     version, why = tensorrt_status(plan.trt_major)
     engine_info, cache = None, False
     if version:  # pragma: no cover - needs TensorRT and a GPU (not executed here)
-        built = build_engine(plan, bundle.tmp, log=say)
+        persistent = bundle.final.parent / "timing-caches" / f"{opts.target}-trt{version}.cache"
+        built = build_engine(plan, bundle.tmp, persistent, log=say)
         for name, role in ((built.engine.name, "engine"), (built.timing_cache.name, "timing-cache"),
                            (built.layer_info.name, "engine-layers"), (built.build_log.name, "build-log")):
             bundle.path(name, role, opts.precision if role == "engine" else None)

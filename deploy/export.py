@@ -39,6 +39,7 @@ class RetinaNetNetwork(nn.Module):
         self.backbone, self.head = model.backbone, model.head
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """(cls_logits, bbox_regression) of a normalised batch."""
         feats = self.backbone(images)
         out = self.head(list(feats.values()) if isinstance(feats, dict) else [feats])
         return out["cls_logits"], out["bbox_regression"]
@@ -64,6 +65,7 @@ class RetinaNetWithNMS(nn.Module):
         self.input_size = input_size
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(boxes, scores, labels) of the one image, exactly as RetinaNet's eval forward."""
         cls_logits, bbox = self.network(images)
         head = {"cls_logits": list(cls_logits.split(self.per_level, dim=1)),
                 "bbox_regression": list(bbox.split(self.per_level, dim=1))}
@@ -80,6 +82,7 @@ class FasterRCNNNetwork(nn.Module):
         self.model, self.input_size = model, input_size
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(boxes, scores, labels) of image 0; labels count from 1 (0 is torchvision's background)."""
         sizes = [(self.input_size, self.input_size)] * images.shape[0]
         image_list = ImageList(images, sizes)
         feats = self.model.backbone(images)

@@ -89,3 +89,31 @@ def quiet_tools() -> Iterator[None]:
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the format table (what each artifact needs, and whether this machine can make it)."""
+    import argparse
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from runtime.cli import add_debug_flag
+
+    parser = argparse.ArgumentParser(prog="python -m deploy.formats", description=main.__doc__)
+    add_debug_flag(parser)
+    parser.parse_args(argv)
+    table = Table(title="deploy artifact formats")
+    columns = ("format", "file", "requires", "gpu", "available")  # descriptions: formats_table() / FORMATS
+    for col in columns:
+        table.add_column(col)
+    for row in formats_table():
+        table.add_row(*(row[c] for c in columns))
+    Console().print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    from runtime.cli import run_cli
+
+    run_cli(main)

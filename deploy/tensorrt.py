@@ -22,14 +22,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from deploy.formats import get_format
 from runtime.errors import UserError
 
-ENGINE_FILE = "model.engine"
+FP32_ONNX, FP16_ONNX = get_format("onnx").filename, get_format("onnx-fp16").filename
+INT8_ONNX = get_format("onnx-int8-modelopt").filename
+ENGINE_FILE = get_format("engine").filename
 TIMING_CACHE = "timing.cache"
 LAYER_INFO = "engine_layers.json"
 BUILD_LOG = "engine_build.log"
-CALIB_CACHE = "calibration.cache"
-ONNX_FOR_PRECISION = {"int8": "model_int8.onnx", "fp16": "model_fp32.onnx", "fp32": "model_fp32.onnx"}
+CALIB_CACHE = get_format("trt-calib-cache").filename
+ONNX_FOR_PRECISION = {"int8": INT8_ONNX, "fp16": FP32_ONNX, "fp32": FP32_ONNX}
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,7 @@ def engine_plan(target: Any, precision: str, input_size: int, dynamic_batch: boo
         raise UserError(f"unknown precision '{precision}'", where="--precision", fix="use int8, fp16 or fp32")
     onnx_file = ONNX_FOR_PRECISION[precision]
     if precision == "fp16" and major >= 11:
-        onnx_file = "model_fp16.onnx"  # TensorRT 11 has no --fp16: the types live in the ONNX (ModelOpt AutoCast)
+        onnx_file = FP16_ONNX  # TensorRT 11 has no --fp16: the types live in the ONNX (ModelOpt AutoCast)
     if target.dla_core is not None:
         if major >= 11:
             raise UserError(f"target '{target_name}' asks for DLA core {target.dla_core} with TensorRT {major}",
@@ -107,7 +110,7 @@ def build_engine_script(plan: EnginePlan, target_name: str, calib_cache: bool = 
         f'echo "engine: $(pwd)/{ENGINE_FILE}; per-layer precisions: {LAYER_INFO}"',
     ]
     if calib_cache and plan.trt_major < 11:
-        implicit = EnginePlan("model_fp32.onnx", "int8", plan.trt_major, plan.workspace_mb, plan.dla_core,
+        implicit = EnginePlan(FP32_ONNX, "int8", plan.trt_major, plan.workspace_mb, plan.dla_core,
                               plan.input_shape, plan.max_batch)
         alt = trtexec_command(implicit)
         lines += ["", "# Implicit INT8 from the TensorRT 10 calibration cache instead of the Q/DQ model (deprecated):",
@@ -149,15 +152,22 @@ class EngineBuild:
     compute_capability: str | None
 
 
-def build_engine(plan: EnginePlan, bundle_dir: Path,
+def build_engine(plan: EnginePlan, bundle_dir: Path, timing_cache: Path,
                  log: Callable[[str], None] = print) -> EngineBuild:  # pragma: no cover - not executed here
-    """Build the plan's engine with Polygraphy's TensorRT loaders (not executed here: needs TensorRT and a GPU)."""
+    """Build the plan's engine with Polygraphy's TensorRT loaders (not executed here: needs TensorRT and a GPU).
+
+    `timing_cache` lives outside the bundle (bundles are rebuilt from scratch) so tactic timings carry over from
+    build to build; a copy goes into the bundle next to the engine.
+    """
     import tensorrt as trt
     from polygraphy.backend.trt import (CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, PostprocessConfig,
                                         SaveEngine)
 
     bundle_dir = Path(bundle_dir)
-    cache, engine_path = bundle_dir / TIMING_CACHE, bundle_dir / ENGINE_FILE
+    import shutil
+
+    cache, engine_path = Path(timing_cache), bundle_dir / ENGINE_FILE
+    cache.parent.mkdir(parents=True, exist_ok=True)
     network = NetworkFromOnnxPath(str(bundle_dir / plan.onnx_file), strongly_typed=plan.strongly_typed)
     options: dict[str, Any] = {
         "memory_pool_limits": {trt.MemoryPoolType.WORKSPACE: plan.workspace_mb << 20},
@@ -178,6 +188,7 @@ def build_engine(plan: EnginePlan, bundle_dir: Path,
     if plan.dla_core:  # Polygraphy's use_dla selects core 0
         config = PostprocessConfig(config, lambda _b, _n, cfg: setattr(cfg, "DLA_core", plan.dla_core))
     engine = SaveEngine(EngineFromNetwork(network, config, save_timing_cache=str(cache)), path=str(engine_path))()
+    shutil.copyfile(cache, bundle_dir / TIMING_CACHE)
     inspector = engine.create_engine_inspector()
     info = inspector.get_engine_information(trt.LayerInformationFormat.JSON)
     (bundle_dir / LAYER_INFO).write_text(info, encoding="utf-8")
@@ -192,8 +203,8 @@ def build_engine(plan: EnginePlan, bundle_dir: Path,
 
     major, minor = torch.cuda.get_device_capability(0)
     log(f"built {engine_path.name} with TensorRT {trt.__version__}")
-    return EngineBuild(engine_path, cache, bundle_dir / LAYER_INFO, bundle_dir / BUILD_LOG, trt.__version__,
-                       torch.cuda.get_device_name(0), f"{major}.{minor}")
+    return EngineBuild(engine_path, bundle_dir / TIMING_CACHE, bundle_dir / LAYER_INFO, bundle_dir / BUILD_LOG,
+                       trt.__version__, torch.cuda.get_device_name(0), f"{major}.{minor}")
 
 
 def build_calibration_cache(fp32_onnx: Path, feeds: Any, cache_path: Path, method: str,

@@ -5,6 +5,7 @@ import shlex
 
 import pytest
 
+from deploy import formats
 from deploy import tensorrt as trt_mod
 from deploy.tensorrt import build_engine_script, engine_plan, tensorrt_status, trtexec_command
 from runtime.config import load_config
@@ -95,3 +96,13 @@ def test_status_explains_why_no_engine(monkeypatch):
     monkeypatch.setattr(trt_mod.importlib.util, "find_spec", lambda name: None)
     version, why = tensorrt_status(10)
     assert version is None and "tensorrt" in why and "not installed" in why
+
+
+def test_format_table_names_what_is_missing(monkeypatch):
+    real = formats.importlib.util.find_spec
+    monkeypatch.setattr(formats.importlib.util, "find_spec", lambda name: None if name == "tensorrt" else real(name))
+    assert formats.missing("engine") == ["tensorrt"] and formats.missing("trtexec-script") == []
+    rows = {r["format"]: r for r in formats.formats_table()}
+    assert rows["engine"]["available"].startswith("no") and rows["engine"]["gpu"] == "yes"
+    with pytest.raises(UserError, match="unknown export format"):
+        formats.get_format("tflite")
