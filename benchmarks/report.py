@@ -112,13 +112,24 @@ def _size_of(checkpoint: Path) -> tuple[int | None, float | None]:
     return count_parameters(model), gflops(model, int(meta["input_size"]))
 
 
+def student_bundle_dir(bundles: Path) -> Path:
+    """Where the pipeline's student bundle is: `<target>/student/` (deploy.build --model both) or the target
+    directory itself (--model student, deploy.build's default layout)."""
+    try:
+        if load_bundle(bundles, verify=False).manifest.model_role == "student":
+            return bundles
+    except UserError:
+        pass
+    return bundles / "student"
+
+
 def trained_models(opts: ReportOptions, cfg: ProjectConfig, pipe: Pipeline, bundles: Path) -> list[Model]:
     """Teacher, the pipeline's student and every baseline student that was trained (no-KD, FitNet, PKD), each with
     its bundle (built or refreshed through deploy.build unless --no-build)."""
     work = (Path(opts.work_dir) / pipe.name) if opts.work_dir else pipe.work_dir
     method = pipe.distill.method
     wanted = [("teacher", None, work / "teacher", bundles / "teacher"),
-              ("student", method, work / f"student-{method}", bundles / "student")]
+              ("student", method, work / f"student-{method}", student_bundle_dir(bundles))]
     wanted += [("student", m, work / f"student-{m}", bundles / f"student-{m}") for m in BASELINES if m != method]
     models = []
     for role, kd, stage_dir, out in wanted:

@@ -91,7 +91,8 @@ def _anchor_spec(model: Any, input_size: int) -> Any:
 
     gen = model.anchor_generator
     spec = AnchorSpec(sizes=tuple(tuple(float(s) for s in level) for level in gen.sizes),
-                      aspect_ratios=tuple(float(r) for r in gen.aspect_ratios[0]), strides=RETINANET_STRIDES)
+                      aspect_ratios=tuple(float(r) for r in gen.aspect_ratios[0]), strides=RETINANET_STRIDES,
+                      rounded=type(gen).__name__ != "UnroundedAnchorGenerator")
     with torch.no_grad():
         probe = torch.zeros(1, 3, input_size, input_size)
         feats = list(model.backbone(probe).values())

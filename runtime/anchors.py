@@ -29,6 +29,7 @@ class AnchorSpec(BaseModel):
     sizes: tuple[tuple[float, ...], ...] = Field(default_factory=retinanet_default_sizes)
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
     strides: tuple[int, ...] = RETINANET_STRIDES
+    rounded: bool = True  # torchvision rounds base anchors to whole pixels; MMDetection (imported checkpoints) does not
 
     @model_validator(mode="after")
     def _consistent(self) -> "AnchorSpec":
@@ -46,7 +47,7 @@ class AnchorSpec(BaseModel):
         return len(self.sizes[0]) * len(self.aspect_ratios)
 
 
-def cell_anchors(sizes: tuple[float, ...], aspect_ratios: tuple[float, ...]) -> np.ndarray:
+def cell_anchors(sizes: tuple[float, ...], aspect_ratios: tuple[float, ...], rounded: bool = True) -> np.ndarray:
     """Zero-centred xyxy base anchors (len(ratios) * len(sizes), 4), ratio-major, float32, rounded like torchvision."""
     scales = np.asarray(sizes, np.float32)
     ratios = np.asarray(aspect_ratios, np.float32)
@@ -54,7 +55,8 @@ def cell_anchors(sizes: tuple[float, ...], aspect_ratios: tuple[float, ...]) -> 
     w_ratios = np.float32(1) / h_ratios
     ws = (w_ratios[:, None] * scales[None, :]).reshape(-1)
     hs = (h_ratios[:, None] * scales[None, :]).reshape(-1)
-    return np.round(np.stack([-ws, -hs, ws, hs], axis=1) / np.float32(2))  # np.round is half-to-even, as torch
+    base = np.stack([-ws, -hs, ws, hs], axis=1) / np.float32(2)
+    return np.round(base) if rounded else base  # np.round is half-to-even, as torch
 
 
 def feature_sizes(input_size: tuple[int, int], strides: tuple[int, ...]) -> list[tuple[int, int]]:
@@ -71,7 +73,7 @@ def _anchors_cached(spec: AnchorSpec, input_size: tuple[int, int]) -> tuple[np.n
         shift_y = np.arange(grid_h, dtype=np.int32) * stride_h
         sy, sx = np.meshgrid(shift_y, shift_x, indexing="ij")
         shifts = np.stack([sx.ravel(), sy.ravel(), sx.ravel(), sy.ravel()], axis=1).astype(np.float32)
-        base = cell_anchors(tuple(sizes), spec.aspect_ratios)
+        base = cell_anchors(tuple(sizes), spec.aspect_ratios, spec.rounded)
         # Order (cell row, cell column, anchor) is the order of the head's flattened outputs.
         levels.append((shifts[:, None, :] + base[None, :, :]).reshape(-1, 4))
     anchors = np.concatenate(levels)

@@ -192,7 +192,7 @@ def test_training_leftovers_are_dropped_and_reported(tmp_path):
     leftovers = {"teacher.backbone.conv1.weight": torch.zeros(64, 3, 7, 7, dtype=torch.float16),
                  "high_amplifier.bbox_head.fc_cls.weight": torch.zeros(21, 128), "distloss.conv.weight": torch.zeros(1)}
     torch.save(collections.OrderedDict({**state, **leftovers}), tmp_path / "ds2d2_student.pth")
-    pipe = load_config(overrides=["teacher.fpn_width=64", "teacher.backbone=resnet18"],
+    pipe = load_config(overrides=["teacher.fpn_width=64", "teacher.backbone=resnet18", "teacher.roi_fc_width=128"],
                        pipeline="dior_faster_rcnn").pipeline("dior_faster_rcnn")
     payload, report = import_checkpoint(tmp_path / "ds2d2_student.pth", pipe, role="teacher")
     assert sorted(report.dropped) == sorted(leftovers) and not report.unmapped and not report.missing
@@ -229,7 +229,7 @@ def test_pipeline_model_must_match_the_checkpoint():
     pipe = load_config(pipeline="dior_retina").pipeline("dior_retina")
     with pytest.raises(UserError, match="--set student.fpn_width=64 --set student.head_convs=2"):
         import_checkpoint(FIXTURES / f"{RETINA}_state_dict_fp16.pth", pipe)
-    demo = load_config(overrides=["teacher.fpn_width=64", "teacher.backbone=resnet18"],
+    demo = load_config(overrides=["teacher.fpn_width=64", "teacher.backbone=resnet18", "teacher.roi_fc_width=128"],
                        pipeline="demo_faster_rcnn").pipeline("demo_faster_rcnn")
     with pytest.raises(UserError, match="predicts 20 classes, the pipeline's dataset has 5"):
         import_checkpoint(FIXTURES / f"{FRCNN}_state_dict_fp16.pth", demo, role="teacher")
@@ -238,7 +238,7 @@ def test_pipeline_model_must_match_the_checkpoint():
 def test_cli_writes_a_safe_loadable_checkpoint_and_report(tmp_path):
     out = tmp_path / "teacher.pt"
     main([str(FIXTURES / f"{FRCNN}_state_dict_fp16.pth"), "--pipeline", "dior_faster_rcnn", "--role", "teacher",
-          "--out", str(out), "--set", "teacher.fpn_width=64", "--set", "teacher.backbone=resnet18"])
+          "--out", str(out), "--set", "teacher.fpn_width=64", "--set", "teacher.backbone=resnet18", "--set", "teacher.roi_fc_width=128"])
     payload = load_checkpoint(out)  # weights_only=True
     assert payload["role"] == "teacher" and payload["finished"] and payload["num_classes"] == 20
     assert payload["classes"] == list(DIOR_CLASSES)  # the pipeline's spellings, so --teacher accepts it
