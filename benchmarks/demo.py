@@ -82,7 +82,8 @@ def demo_steps(pipe: Pipeline, artifacts: Path, out_dir: Path, config_args: list
     data: list[str] = []
     if pipe.dataset.synthetic is not None:  # a real dataset needs nothing generated: distill.run reads it
         sets = [f"{key}={json.dumps(value, separators=(',', ':'))}" for key, value in pipe.dataset.synthetic.items()]
-        data = ["-m", "runtime.data", "synth", str(pipe.dataset_root), *[a for s in sets for a in ("--set", s)]]
+        data = ["-m", "runtime.data", "synth", str(pipe.dataset_root), "--overwrite",
+                *[a for s in sets for a in ("--set", s)]]
     train = ["-m", "distill.run", name, *config_args, "--stage"]
     deploy = ["-m", "deploy.build", "--pipeline", name, *config_args, "--target"]
     cpu_student = str(bundles / "cpu" / "student")

@@ -19,7 +19,10 @@ def fmt(value: Any, spec: str = ".1f", scale: float = 1.0, suffix: str = "") -> 
     """A number formatted, or an em dash when it was not measured."""
     if value is None:
         return "—"
-    return f"{value * scale:{spec}}{suffix}"
+    text = f"{value * scale:{spec}}"
+    if text.lstrip("+-").strip("0.") == "":  # -0.0 / +0.0 from a tiny difference: show it as no difference
+        text = f"{0.0:{spec}}"
+    return f"{text}{suffix}"
 
 
 def headline_headers() -> list[str]:

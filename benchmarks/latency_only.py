@@ -20,6 +20,11 @@ from runtime.config import Pipeline
 from runtime.data.classes import class_list
 
 SEED = 0
+# Untrained deep nets (R101 with identity frozen BN) carry large, unnormalised activations, so float32 summation order
+# alone moves ONNX Runtime's logits ~1e-3 away from PyTorch's. The export check still runs, with this looser bound.
+FIDELITY_OVERRIDES = ["deploy.fidelity_atol=0.01"]
+FIDELITY_NOTE = ("The PyTorch-vs-ONNX Runtime export check of untrained networks used atol 0.01 instead of the "
+                 "configured bound: their unnormalised activations make float32 summation-order differences larger.")
 
 
 @dataclass

@@ -152,15 +152,14 @@ def trained_models(opts: ReportOptions, cfg: ProjectConfig, pipe: Pipeline, bund
 def untrained_models(opts: ReportOptions, pipe: Pipeline, out_dir: Path, bundles: Path,
                      notes: list[str]) -> list[Model]:
     """Randomly initialised teacher and student deployed through deploy.build (see benchmarks.latency_only)."""
-    from benchmarks.latency_only import calibration_for, random_checkpoint
+    from benchmarks.latency_only import FIDELITY_NOTE, FIDELITY_OVERRIDES, calibration_for, random_checkpoint
 
     calib = calibration_for(pipe, out_dir / "calibration-data", opts.calib_images)
-    if calib.note:
-        notes.append(calib.note)
+    notes += [calib.note, FIDELITY_NOTE]
     models = []
     for role, name in (("teacher", "teacher"), ("student", "student")):
         ckpt, params, flops = random_checkpoint(pipe, role, out_dir / "checkpoints" / role / "model.pt", "untrained")
-        _deploy(opts, pipe, role, ckpt, bundles / role, calib.overrides)
+        _deploy(opts, pipe, role, ckpt, bundles / role, calib.overrides + FIDELITY_OVERRIDES)
         models.append(Model(role, None, name, bundles / role, ckpt, False, params, flops))
     spec = lambda s: f"{s.backbone} FPN {s.fpn_width}, {s.head_convs} head convs"  # noqa: E731
     notes.append(f"Latency only — untrained weights: teacher {spec(pipe.teacher)}, student {spec(pipe.student)}, "
@@ -196,7 +195,7 @@ def eval_split(opts: ReportOptions, pipe: Pipeline, bundle: Path) -> DetectionSe
     if pipe.dataset.synthetic is not None:
         from runtime.data.synthetic import SyntheticParams, generate
 
-        generate(SyntheticParams(**pipe.dataset.synthetic), pipe.dataset_root)  # no-op when already there
+        generate(SyntheticParams(**pipe.dataset.synthetic), pipe.dataset_root, overwrite=True)  # no-op when unchanged
     manifest = load_bundle(bundle, verify=False).manifest
     data = load_dataset(pipe.dataset.format, pipe.dataset_root, pipe.dataset.test_split, classes=list(manifest.classes))
     if opts.eval_images:
@@ -206,8 +205,8 @@ def eval_split(opts: ReportOptions, pipe: Pipeline, bundle: Path) -> DetectionSe
 
 def scene_figure(results: Results, variants: Sequence[Variant], detectors: Sequence[Any], data: DetectionSet,
                  path: Path) -> Path | None:
-    """Ground truth, teacher FP32 and the students' INT8 (else FP32) detections on the busiest of the first test
-    images."""
+    """Ground truth, teacher FP32 and each student's INT8 (else FP32) detections on one test image of typical
+    density."""
     if not data.records:
         return None
     # A scene of typical density (closest to SCENE_OBJECTS objects) keeps the drawn labels readable.

@@ -139,4 +139,5 @@ def ensure_dataset(root: Path, synthetic: dict | None) -> bool:
         return False
     from runtime.data.synthetic import SyntheticParams, generate
 
-    return generate(SyntheticParams(**synthetic), Path(root)).written
+    # pipelines.yaml is the source of truth: a set generated with other parameters is regenerated (atomically)
+    return generate(SyntheticParams(**synthetic), Path(root), overwrite=True).written

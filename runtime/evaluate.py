@@ -58,7 +58,7 @@ def resolve_dataset(manifest: Manifest, dataset: Path | None, fmt: str | None, s
     if pipe.dataset.synthetic is not None:
         from runtime.data.synthetic import SyntheticParams, generate  # noqa: PLC0415 - only synthetic sets need it
 
-        generate(SyntheticParams(**pipe.dataset.synthetic), pipe.dataset_root)  # no-op when already there
+        generate(SyntheticParams(**pipe.dataset.synthetic), pipe.dataset_root, overwrite=True)  # no-op when unchanged
     return DatasetChoice(fmt or pipe.dataset.format, pipe.dataset_root, split or pipe.dataset.test_split,
                          f"pipelines.yaml: pipelines.{pipe.name}.dataset")
 
