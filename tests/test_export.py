@@ -18,9 +18,11 @@ from runtime.errors import UserError
 from runtime.postprocess import PostprocessSpec, RetinaNetPostprocess
 from runtime.preprocess import PreprocessSpec, preprocess_batch, read_image
 
+from data_fixtures import DOTA_SAMPLES
+
 SIZE = 64
 CLASSES = 3
-DOTA = Path("/work/shared/data/dota_samples/images")
+DOTA = DOTA_SAMPLES / "images"
 
 
 def tiny(arch: str = "retinanet", **thresholds):
