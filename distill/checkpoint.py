@@ -8,7 +8,6 @@ A model checkpoint is a plain dict of primitives and tensors (loadable with ``to
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from collections.abc import Mapping
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from runtime.errors import UserError
+from runtime.manifest import file_sha256  # noqa: F401  (one sha256 for checkpoints and bundles)
 
 FORMAT = "ds2d2-edge/1"
 ROLES = ("teacher", "amplifier", "student")
@@ -48,15 +48,6 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 hex digest of a file (identifies the exact upstream checkpoint a stage was trained from)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _producer_hint(path: Path, pipeline: str | None) -> str:

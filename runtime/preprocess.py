@@ -79,16 +79,9 @@ class Transform:
 
 def read_image(path: str | Path) -> np.ndarray:
     """Read an image file as uint8 RGB (H, W, 3); UserError when it is missing or cannot be decoded."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError("image not found", str(path), "check the dataset root and the annotation's file name")
-    data = np.fromfile(path, np.uint8)
-    # Annotations are in stored-pixel coordinates, so EXIF orientation must not rotate the image.
-    img = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) if data.size else None
-    if img is None:
-        raise UserError("cannot decode image (corrupt or unsupported format)", str(path),
-                        "re-download or re-export the file, or remove it from the split")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    from runtime.data.images import read_image as decode  # the data layer's reader: one decoder for every path
+
+    return decode(Path(path))
 
 
 def _check_image(img: np.ndarray) -> None:

@@ -50,11 +50,12 @@ def read_image(path: Path) -> np.ndarray:
     """Decode an image file to uint8 RGB (H, W, 3)."""
     path = Path(path)
     if not path.is_file():
-        raise ImageError(MISSING_IMAGE, path, "image file not found")
+        raise ImageError(MISSING_IMAGE, path, "image not found")
     data = np.fromfile(path, dtype=np.uint8)  # fromfile + imdecode also handles non-ASCII paths
-    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    # Annotations are in stored-pixel coordinates, so EXIF orientation must not rotate the image.
+    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) if data.size else None
     if bgr is None:
-        raise ImageError(CORRUPT_IMAGE, path, "image could not be decoded")
+        raise ImageError(CORRUPT_IMAGE, path, "cannot decode image (corrupt or unsupported format)")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
