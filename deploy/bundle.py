@@ -36,7 +36,9 @@ from runtime.manifest import (
 BUILD_INFO = "build_info.json"
 ROOT = Path(__file__).resolve().parent.parent
 # Code whose change alters what a build writes: the deploy chain and the runtime pieces baked into the bundle.
-HASHED_CODE = ("deploy", "runtime/preprocess.py", "runtime/postprocess.py", "runtime/anchors.py", "runtime/manifest.py")
+HASHED_CODE = ("deploy", "distill/models", "distill/checkpoint.py", "runtime/preprocess.py", "runtime/postprocess.py",
+               "runtime/anchors.py", "runtime/nms.py", "runtime/manifest.py", "runtime/metrics", "runtime/data/coco.py",
+               "runtime/data/images.py")
 PACKAGES = {"torch": "torch", "torchvision": "torchvision", "onnx": "onnx", "onnxruntime": "onnxruntime",
             "onnxruntime-gpu": "onnxruntime-gpu", "onnxslim": "onnxslim", "polygraphy": "polygraphy",
             "modelopt": "nvidia-modelopt", "tensorrt": "tensorrt", "numpy": "numpy"}
@@ -154,7 +156,12 @@ class BundleWriter:
         if self.final.exists():
             old = self.final.parent / f".{self.final.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(self.final, old)  # a directory cannot be renamed over a non-empty one: step it aside
-        os.replace(self.tmp, self.final)
+        try:
+            os.replace(self.tmp, self.final)
+        except OSError:
+            if old is not None:  # put the last good bundle back before reporting the failure
+                os.replace(old, self.final)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return manifest

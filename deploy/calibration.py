@@ -7,7 +7,6 @@ memory; the chosen list and the preprocessing go into a calibration manifest ins
 """
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from runtime.errors import UserError
+from runtime.manifest import file_sha256
 from runtime.preprocess import PreprocessSpec, preprocess_batch, read_image
 from runtime.records import DetectionSet, ImageRecord
 
@@ -45,14 +45,6 @@ def choose_records(records: list[ImageRecord], count: int, seed: int, where: str
             fix=f"pass --calib-images {len(records)} (or fewer), set calibration.images, or add training images")
     picked = np.sort(np.random.default_rng(seed).choice(len(records), size=count, replace=False))
     return [records[i] for i in picked]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -115,7 +107,7 @@ class CalibrationSet:
             "preprocess": self.spec.model_dump(mode="json"),
             "preprocess_code": "runtime.preprocess.preprocess_batch",
             "images": [{"path": str(r.path), "width": int(r.width), "height": int(r.height),
-                        "sha256": _sha256(Path(r.path))} for r in self.records],
+                        "sha256": file_sha256(Path(r.path))} for r in self.records],
         }
 
 
