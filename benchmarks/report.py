@@ -126,14 +126,16 @@ def student_bundle_dir(bundles: Path) -> Path:
 def trained_models(opts: ReportOptions, cfg: ProjectConfig, pipe: Pipeline, bundles: Path) -> list[Model]:
     """Teacher, the pipeline's student and every baseline student that was trained (no-KD, FitNet, PKD), each with
     its bundle (built or refreshed through deploy.build unless --no-build)."""
-    work = (Path(opts.work_dir) / pipe.name) if opts.work_dir else pipe.work_dir
+    from distill.stages import stage_dir
+
     method = pipe.distill.method
-    wanted = [("teacher", None, work / "teacher", bundles / "teacher"),
-              ("student", method, work / f"student-{method}", student_bundle_dir(bundles))]
-    wanted += [("student", m, work / f"student-{m}", bundles / f"student-{m}") for m in BASELINES if m != method]
+    wanted = [("teacher", None, stage_dir(pipe, "teacher", None, opts.work_dir), bundles / "teacher"),
+              ("student", method, stage_dir(pipe, "student", method, opts.work_dir), student_bundle_dir(bundles))]
+    wanted += [("student", m, stage_dir(pipe, "student", m, opts.work_dir), bundles / f"student-{m}")
+               for m in BASELINES if m != method]
     models = []
-    for role, kd, stage_dir, out in wanted:
-        ckpt, name = stage_dir / "model.pt", "teacher" if role == "teacher" else f"student {METHOD_NAMES[kd]}"
+    for role, kd, run_dir, out in wanted:
+        ckpt, name = run_dir / "model.pt", "teacher" if role == "teacher" else f"student {METHOD_NAMES[kd]}"
         if not ckpt.is_file():
             if role == "student" and kd != method:
                 continue  # a baseline is reported only when it was trained

@@ -56,8 +56,9 @@ def _names(section: str) -> str:
 
 def checkpoint_path(pipe: Any, role: str, work_dir: Path | None) -> Path:
     """Where distill.run writes the role's model.pt: teacher/ or student-<method>/ under <work_dir>/<pipeline>."""
-    base = (Path(work_dir) / pipe.name) if work_dir else pipe.work_dir
-    return base / ("teacher" if role == "teacher" else f"student-{pipe.distill.method}") / "model.pt"
+    from distill.stages import stage_dir
+
+    return stage_dir(pipe, role, pipe.distill.method, work_dir) / "model.pt"
 
 
 def require_checkpoint(path: Path, pipe: Any, role: str) -> None:

@@ -28,9 +28,10 @@ STAGES = ("teacher", "amplifier", "student")
 METHODS = ("ds2d2", "none", "fitnet", "pkd")
 
 
-def stage_dir(pipe: Pipeline, stage: str, method: str | None = None) -> Path:
-    """``<work_dir>/<pipeline>/teacher``, ``.../amplifier`` or ``.../student-<method>``."""
-    return pipe.work_dir / (f"student-{method}" if stage == "student" else stage)
+def stage_dir(pipe: Pipeline, stage: str, method: str | None = None, work_dir: Path | str | None = None) -> Path:
+    """``<work_dir>/<pipeline>/teacher``, ``.../amplifier`` or ``.../student-<method>`` (the one place for this layout)."""
+    base = (Path(work_dir) / pipe.name) if work_dir else pipe.work_dir
+    return base / (f"student-{method}" if stage == "student" else stage)
 
 
 def stage_config(config: dict[str, Any], stage: str, method: str, upstream: dict[str, str]) -> dict[str, Any]:
