@@ -8,9 +8,6 @@ Weights are random (the cost of a step does not depend on them). Prints a table 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,6 +21,7 @@ from benchmarks.timing import Timing, measure
 from benchmarks.workload import NO_DOWNLOAD, TINY_OVERRIDES, Workload, build_workload, optimizer_for, student_task
 from distill.ds2d2.disw import disw_weights, disw_weights_reference
 from distill.models.backbones import fpn_features
+from runtime.atomic import write_json_atomic
 from runtime.cli import add_debug_flag, run_cli
 from runtime.config import add_config_args, load_config
 from runtime.errors import UserError
@@ -172,15 +170,6 @@ def print_table(result: dict[str, Any], console: Console | None = None) -> None:
     console.print(disw)
 
 
-def write_json(data: dict[str, Any], path: Path) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2)
-    os.replace(tmp, path)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.distill_cost", description=__doc__.split("\n\n")[0])
@@ -207,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result["tiny"] = args.tiny
     print_table(result)
     out = args.json or cfg.path(Path("reports") / pipe.name / "distill_cost.json")
-    write_json(result, out)
+    write_json_atomic(out, result)
     print(f"wrote {out}")
     return 0
 

@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.distill_cost import step_fn, write_json
+from benchmarks.distill_cost import step_fn
+from runtime.atomic import write_json_atomic
 from benchmarks.timing import measure
 from benchmarks.workload import NO_DOWNLOAD, TINY_OVERRIDES, Workload, build_workload, optimizer_for, student_task
 from deploy.export import ExportOnnx, deploy_network
@@ -199,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU visible here — nothing to measure. Run it on a machine with a GPU "
               "(or `--device cpu --tiny` for a smoke run).")
-        write_json(result | {"cuda_available": False}, out)
+        write_json_atomic(out, result | {"cuda_available": False})
         return 0
     if pipe.teacher.arch != "retinanet":
         raise UserError(f"gpu_check times RetinaNet networks; pipeline {pipe.name!r} is {pipe.teacher.arch}",
@@ -212,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     iters = {"inference": n or (50, 10), "training": n or (10, 3), "onnxruntime": n or (30, 5)}
     sections = {"inference": inference_section, "training": training_section, "onnxruntime": ort_section}
     result |= run_sections(work, sections, iters, args.budget_s)
-    write_json(result, out)
+    write_json_atomic(out, result)
     print_summary(result)
     print(f"wrote {out}")
     return 0

@@ -6,11 +6,11 @@ re-rendered from its JSON without measuring again.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from runtime.atomic import write_bytes_atomic
 
 UNTRAINED = "latency only — untrained weights"
 
@@ -133,18 +133,8 @@ def fill_relative(rows: list[Row]) -> None:
 
 
 def write_text_atomic(path: Path, text: str | bytes) -> Path:
-    """Write a file under a temporary name in the same directory, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(text.encode() if isinstance(text, str) else text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; reports are meant to be read and shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Atomic write of a report file (text or bytes) through runtime.atomic."""
+    return write_bytes_atomic(path, text.encode() if isinstance(text, str) else text)
 
 
 def write_results(results: Results, path: Path) -> Path:

@@ -25,7 +25,7 @@ from distill.mmdet_compat import (InferredSpec, check_against, infer_spec, load_
 from distill.models import build_detector
 from distill.models.mmdet_variant import to_mmdet_variant
 from distill.stages import config_hash
-from distill.trainer import write_json
+from runtime.atomic import write_json_atomic as write_json
 from runtime.cli import add_debug_flag, run_cli
 from runtime.config import Pipeline, add_config_args, load_config
 from runtime.data.classes import class_list

@@ -13,7 +13,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from distill.trainer import write_json
+from runtime.atomic import write_json_atomic as write_json
 
 METRIC_KEYS = ("AP", "AP50", "AP75", "AP_s", "AP_m", "AP_l")
 STAGE_ORDER = {"teacher": 0, "amplifier": 1, "student": 2}

@@ -28,6 +28,7 @@ from distill.data import Batch, DetectionDataset, epoch_batches, eval_batches, i
 from distill.distributed import DistInfo, barrier, broadcast_buffers, wrap_model
 from distill.engine import evaluate, train_one_epoch
 from runtime.config import StageSchedule
+from runtime.atomic import write_json_atomic
 from runtime.errors import UserError
 
 BEST_METRIC = "AP50"  # the paper's headline number selects best.pt
@@ -318,7 +319,7 @@ class StageTrainer:
                   "pipeline": self.meta.get("config", {}).get("name"), "config_hash": self.meta["config_hash"],
                   "checkpoint": {"file": model_pt.name, "sha256": file_sha256(model_pt)},
                   "metrics": flat, "run": run, "eval": self.state.best_metrics}
-        write_json(self.dir / "metrics.json", record)
+        write_json_atomic(self.dir / "metrics.json", record)
         self.log.write({"event": "finished", "step": self.state.step, **flat})
         barrier(self.info)
         return StageResult(self.dir, flat, run)
@@ -328,10 +329,3 @@ def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return "cpu"
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temporary name + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, path)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
@@ -17,6 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from runtime.atomic import write_bytes_atomic
 from runtime.errors import UserError
 from runtime.postprocess import PostprocessSpec
 from runtime.preprocess import PreprocessSpec
@@ -158,22 +157,7 @@ def describe_file(bundle_dir: str | Path, name: str, role: str, precision: str |
 
 def write_manifest(bundle_dir: str | Path, manifest: Manifest) -> Path:
     """Write ``manifest.json`` atomically (temp file in the same directory, then rename); return its path."""
-    bundle_dir = Path(bundle_dir)
-    bundle_dir.mkdir(parents=True, exist_ok=True)
-    target = bundle_dir / MANIFEST_NAME
-    text = manifest.model_dump_json(indent=2) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_NAME}.", suffix=".tmp", dir=bundle_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; bundles get copied to devices and shared
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return write_bytes_atomic(Path(bundle_dir) / MANIFEST_NAME, (manifest.model_dump_json(indent=2) + "\n").encode())
 
 
 def _validation_line(exc: ValidationError) -> str:

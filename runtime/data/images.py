@@ -5,14 +5,13 @@ A missing or unreadable file raises ImageError, a UserError whose `kind` is the 
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from runtime.atomic import write_bytes_atomic  # noqa: F401  (re-exported: the data layer's writer)
 from runtime.data.problems import CORRUPT_IMAGE, MISSING_IMAGE
 from runtime.errors import UserError
 
@@ -78,22 +77,3 @@ def encode_image(image: np.ndarray, suffix: str, jpeg_quality: int = 95) -> byte
     if not ok:
         raise UserError(f"cannot encode an image as {suffix}", fix="use .jpg or .png")
     return buf.tobytes()
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write a file under a temporary name in the same directory, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; results are meant to be shared like any output
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
