@@ -74,6 +74,7 @@ class ModelSpec(Strict):
     anchors: AnchorConfig | None = None  # None: the reference's (RetinaNet 4 x stride x 2^(i/3); RPN 8 x stride)
     assign: AssignConfig | None = None  # None: the reference's thresholds
     box_loss: Literal["l1", "smooth_l1", "giou", "diou", "ciou"] = "l1"  # RetinaNet's regression loss (reference: l1)
+    head_norm: Literal["none", "gn"] = "none"  # RetinaNet head convs: no norm (reference) or GroupNorm
     # RetinaNet's FPN levels [finest, coarsest] (P_l has stride 2^l): reference [3, 7]; [2, 6] adds the stride-4
     # level that objects of ~10 px need. Faster R-CNN is fixed at P2-P6.
     fpn_levels: tuple[int, int] | None = None

@@ -1,6 +1,8 @@
 """torchvision RetinaNet configured like the DS2D2 reference (P3-P7 with P6/P7 from C5, 3x3 anchors, N head convs)."""
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection import RetinaNet
@@ -48,17 +50,29 @@ class LastLevelP6(ExtraFPNBlock):
         return [*p, self.p6(c[-1])], [*names, "p6"]
 
 
-def retina_head(width: int, num_anchors: int, num_classes: int, num_convs: int) -> RetinaNetHead:
-    """torchvision's RetinaNetHead with `num_convs` conv+ReLU layers (no norm) in each subnet instead of 4."""
+def head_norm_layer(norm: str, width: int):
+    """The head's norm layer: None (the reference), or GroupNorm with 32 groups (fewer when the width needs it) —
+    per-level statistics for a head shared by all levels, as torchvision's RetinaNet v2 and FCOS use."""
+    if norm == "none":
+        return None
+    groups = next(g for g in (32, 16, 8, 4, 2, 1) if width % g == 0)
+    return partial(nn.GroupNorm, groups)
+
+
+def retina_head(width: int, num_anchors: int, num_classes: int, num_convs: int, norm: str = "none") -> RetinaNetHead:
+    """torchvision's RetinaNetHead with `num_convs` conv(+GroupNorm)+ReLU layers in each subnet instead of 4."""
     if num_convs < 0:
         raise UserError(f"head_convs must be >= 0, got {num_convs}", where="model.head_convs")
     head = RetinaNetHead(width, num_anchors, num_classes)
+    norm_layer = head_norm_layer(norm, width)
     for subnet in (head.classification_head, head.regression_head):
-        subnet.conv = nn.Sequential(*(Conv2dNormActivation(width, width, norm_layer=None) for _ in range(num_convs)))
+        subnet.conv = nn.Sequential(*(Conv2dNormActivation(width, width, norm_layer=norm_layer)
+                                      for _ in range(num_convs)))
         for layer in subnet.conv.modules():
             if isinstance(layer, nn.Conv2d):  # torchvision's (and the reference's) head init
                 nn.init.normal_(layer.weight, std=0.01)
-                nn.init.zeros_(layer.bias)
+                if layer.bias is not None:  # a conv followed by GroupNorm has none
+                    nn.init.zeros_(layer.bias)
     return head
 
 
@@ -92,7 +106,8 @@ def build_retinanet(
         min_size=input_size,
         max_size=input_size,
         anchor_generator=anchors,
-        head=retina_head(spec.fpn_width, anchors.num_anchors_per_location()[0], num_classes, spec.head_convs),
+        head=retina_head(spec.fpn_width, anchors.num_anchors_per_location()[0], num_classes, spec.head_convs,
+                         getattr(spec, "head_norm", "none")),
         score_thresh=score_thresh,
         nms_thresh=nms_thresh,
         detections_per_img=detections_per_img,
