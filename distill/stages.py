@@ -21,12 +21,12 @@ from distill.checkpoint import file_sha256, load_checkpoint, load_detector, thre
 from distill.data import DetectionDataset, ensure_dataset
 from distill.distributed import DistInfo, barrier
 from distill.trainer import StageTrainer, seed_everything
-from runtime.config import Pipeline
+from runtime.config import DISTILL_METHODS, Pipeline
 from runtime.errors import UserError
 from runtime.records import DetectionSet
 
 STAGES = ("teacher", "amplifier", "student")
-METHODS = ("ds2d2", "none", "fitnet", "pkd", "fgd")
+METHODS = DISTILL_METHODS  # ds2d2, none, fitnet, pkd, fgd
 # Bumped when what a stage computes changes for the same config, so finished stages of the old recipe are retrained.
 # 2: model.pt selected on the val split or the final epoch, never on test; the Faster R-CNN amplifier trains RPN +
 # RoI head on hf(F); DISW over the inclusive cell range; the Faster R-CNN KL term summed over the sampled RoIs.

@@ -18,11 +18,11 @@ from distill.ds2d2.adapter import FeatureAdapter
 from distill.ds2d2.explicit import ExplicitStream
 from distill.kd import FGDLoss, fitnet_loss, pkd_loss
 from distill.models.backbones import fpn_features
-from runtime.config import DistillConfig, DistillWeights
+from runtime.config import DISTILL_METHODS, DistillConfig, DistillWeights
 from runtime.errors import UserError
 
 ARCH_MODULES = {"RetinaNet": "distill.ds2d2.implicit_retina", "FasterRCNN": "distill.ds2d2.implicit_rcnn"}
-METHODS = ("ds2d2", "none", "fitnet", "pkd", "fgd")
+METHODS = DISTILL_METHODS
 STAGES = ("teacher", "amplifier", "student")
 # DS2D2's 1x1 conv and FitNet's regressor always exist; PKD and FGD distil the student map as it is when the widths
 # agree (mmrazor's setting) and through the same 1x1 adapter when they do not.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -120,10 +120,14 @@ class FGDConfig(Strict):
     levels: list[int] | None = None
 
 
+DistillMethod = Literal["ds2d2", "none", "fitnet", "pkd", "fgd"]
+DISTILL_METHODS: tuple[str, ...] = get_args(DistillMethod)
+
+
 class DistillConfig(Strict):
     """Distillation method, DS2D2's weights, and each baseline's own setting."""
 
-    method: Literal["ds2d2", "none", "fitnet", "pkd", "fgd"] = "ds2d2"
+    method: DistillMethod = "ds2d2"
     weights: DistillWeights
     # raw: the reference's MSE on Haar coefficients; teacher_energy: each level's term divided by the detached mean
     # square of the teacher's band, so the weights do not depend on the feature scale (FitNet follows the same rule)
