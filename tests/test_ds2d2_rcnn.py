@@ -11,7 +11,7 @@ import torch
 from torchvision.ops import MultiScaleRoIAlign
 
 from conftest import tiny_config
-from distill.checkpoint import build_from_meta, load_checkpoint, load_detector
+from distill.checkpoint import build_from_meta, file_sha256, load_checkpoint, load_detector
 from distill.ds2d2.haar import high_frequency
 from distill.models import build_detector
 from distill.models.faster_rcnn import rcnn_train_step
@@ -196,24 +196,41 @@ def test_amplifier_checkpoint_rebuilds_from_metadata():
 
 
 # -- all stages on CPU -----------------------------------------------------------------------------------------------
-@pytest.mark.slow
-def test_all_stages_and_baselines_run_on_cpu(tmp_path):
-    """The demo_faster_rcnn path on the tiny config: teacher -> amplifier -> DS2D2 student, then every baseline."""
+@pytest.fixture(scope="module")
+def rcnn_chain(tmp_path_factory):
+    """The demo_faster_rcnn path on the tiny config: teacher -> amplifier -> DS2D2 student, from one command."""
     from distill.run import main
 
+    tmp_path = tmp_path_factory.mktemp("rcnn_chain")
     config = tiny_config(tmp_path, arch="faster_rcnn")
     assert main(["tiny", "--config", str(config), "--device", "cpu"]) == 0
-    for method in ("none", "fitnet", "pkd", "fgd"):
-        assert main(["tiny", "--config", str(config), "--device", "cpu", "--stage", "student",
-                     "--method", method]) == 0
-    runs = tmp_path / "runs" / "tiny"
+    return config, tmp_path / "runs" / "tiny"
+
+
+@pytest.mark.slow
+def test_all_stages_run_on_cpu(rcnn_chain):
+    _, runs = rcnn_chain
     summary = json.loads((runs / "summary.json").read_text())
-    stages = {(e["stage"], e.get("method")) for e in summary["entries"]}
-    assert {("teacher", None), ("amplifier", None)} <= stages
-    assert {("student", m) for m in ("ds2d2", "none", "fitnet", "pkd", "fgd")} <= stages
+    stages = [(e["stage"], e.get("method")) for e in summary["entries"]]
+    assert stages[:3] == [("teacher", None), ("amplifier", None), ("student", "ds2d2")]
     student, meta = load_detector(runs / "student-ds2d2" / "model.pt")
     fresh = build_detector(Spec(fpn_width=16, norm="bn", roi_fc_width=None), 3, 64)
     assert student.state_dict().keys() == fresh.state_dict().keys()  # no teacher / amplifier / adapter weights
-    assert meta["method"] == "ds2d2" and load_checkpoint(runs / "amplifier" / "model.pt")["role"] == "amplifier"
+    amplifier = load_checkpoint(runs / "amplifier" / "model.pt")
+    assert meta["method"] == "ds2d2" and amplifier["role"] == "amplifier"
+    assert any(k.startswith("rpn.head.") for k in amplifier["state_dict"])  # stage 2 trained its own RPN
     with torch.no_grad():
         assert len(student(list(torch.rand(2, 3, 64, 64)))) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["none", "fitnet", "pkd", "fgd"])
+def test_every_baseline_trains_against_the_same_teacher(rcnn_chain, method):
+    from distill.run import main
+
+    config, runs = rcnn_chain
+    assert main(["tiny", "--config", str(config), "--device", "cpu", "--stage", "student", "--method", method]) == 0
+    summary = json.loads((runs / "summary.json").read_text())
+    assert ("student", method) in {(e["stage"], e.get("method")) for e in summary["entries"]}
+    ckpt = load_checkpoint(runs / f"student-{method}" / "model.pt")
+    assert ckpt["inputs"] == ({} if method == "none" else {"teacher": file_sha256(runs / "teacher" / "model.pt")})
