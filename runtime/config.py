@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -131,22 +131,68 @@ class ScheduleConfig(Strict):
 
 
 class DistillWeights(Strict):
-    """The four DS2D2 loss weights (explicit low/high band, implicit full/high-frequency amplifier)."""
+    """The DS2D2 loss weights: explicit low/high band, implicit full/high-frequency amplifier.
+
+    As in the reference, one implicit weight scales both the cls and the box term of its amplifier; `implicit_*_box`
+    (optional) give the box term its own weight when the two terms live on very different scales.
+    """
 
     explicit_low: float = Field(ge=0)
     explicit_high: float = Field(ge=0)
     implicit_full: float = Field(ge=0)
     implicit_high: float = Field(ge=0)
+    implicit_full_box: float | None = Field(None, ge=0)  # None: implicit_full
+    implicit_high_box: float | None = Field(None, ge=0)  # None: implicit_high
+
+    def implicit(self, amplifier: Literal["full", "high"]) -> tuple[float, float]:
+        """(cls weight, box weight) of the 'full' or 'high' amplifier's implicit terms."""
+        cls = getattr(self, f"implicit_{amplifier}")
+        box = getattr(self, f"implicit_{amplifier}_box")
+        return cls, cls if box is None else box
+
+
+class FitNetConfig(Strict):
+    """FitNet: MSE between adapted student and teacher FPN maps (normalised like DS2D2's explicit terms)."""
+
+    weight: float = Field(1.0, ge=0)
+
+
+class PKDConfig(Strict):
+    """PKD (Pearson correlation) on the listed FPN levels; weight None = mmrazor's (RetinaNet 10, Faster R-CNN 6)."""
+
+    weight: float | None = Field(None, ge=0)
+    levels: list[int] = [0, 1, 2, 3]
+
+
+class FGDConfig(Strict):
+    """FGD (focal and global distillation); defaults: mmrazor's RetinaNet setting. levels None = every FPN level."""
+
+    model_config = ConfigDict(populate_by_name=True)
+    temperature: float = Field(0.5, gt=0)
+    alpha: float = Field(1e-3, ge=0)  # foreground feature loss
+    beta: float = Field(5e-4, ge=0)  # background feature loss
+    gamma: float = Field(5e-4, ge=0)  # attention (mask) loss
+    lambda_: float = Field(5e-6, ge=0, alias="lambda")  # global relation loss
+    levels: list[int] | None = None
+
+
+DistillMethod = Literal["ds2d2", "none", "fitnet", "pkd", "fgd"]
+DISTILL_METHODS: tuple[str, ...] = get_args(DistillMethod)
 
 
 class DistillConfig(Strict):
-    """Distillation method and its weights."""
+    """Distillation method, DS2D2's weights, and each baseline's own setting."""
 
-    method: Literal["ds2d2", "none", "fitnet", "pkd"] = "ds2d2"
+    method: DistillMethod = "ds2d2"
     weights: DistillWeights
+    # raw: the reference's MSE on Haar coefficients; teacher_energy: each level's term divided by the detached mean
+    # square of the teacher's band, so the weights do not depend on the feature scale (FitNet follows the same rule)
+    explicit_norm: Literal["raw", "teacher_energy"] = "raw"
     adapter: Literal["shared", "per_level"] = "shared"
-    baseline_weight: float = Field(1.0, ge=0)
     temperature: float = Field(3.0, gt=0)
+    fitnet: FitNetConfig = FitNetConfig()
+    pkd: PKDConfig = PKDConfig()
+    fgd: FGDConfig = FGDConfig()
 
 
 class TestConfig(Strict):
