@@ -42,8 +42,8 @@ from runtime.preprocess import read_image
 from runtime.records import DetectionSet
 
 # Students other than the pipeline's own method that are measured when distill.run trained them.
-BASELINES = ("none", "fitnet", "pkd")
-METHOD_NAMES = {"ds2d2": "DS2D2", "none": "no-KD", "fitnet": "FitNet", "pkd": "PKD"}
+BASELINES = ("none", "fitnet", "pkd", "fgd")
+METHOD_NAMES = {"ds2d2": "DS2D2", "none": "no-KD", "fitnet": "FitNet", "pkd": "PKD", "fgd": "FGD"}
 SCENE_SCORE = 0.3  # drawing threshold: the 0.05 evaluation threshold would bury the picture in low-score boxes
 SCENE_OBJECTS = 15  # ground-truth objects in the scene picked for the figure (about; the closest is taken)
 SCENE_SIDE = 768  # images are enlarged (integer factor) towards this side before drawing

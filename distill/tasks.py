@@ -58,6 +58,27 @@ def distilled_levels(method: str, distill: DistillConfig, num_levels: int) -> li
     return list(chosen)
 
 
+def _anchor_generator(model: nn.Module):
+    return getattr(model, "anchor_generator", None) or model.rpn.anchor_generator
+
+
+def fpn_level_count(model: nn.Module) -> int:
+    """How many FPN levels the detector's head (RetinaNet) or RPN (Faster R-CNN) works on: one anchor set each."""
+    return len(_anchor_generator(model).sizes)
+
+
+def check_same_pyramid(student: nn.Module, teacher: nn.Module) -> None:
+    """Feature distillation pairs levels one to one, and DS2D2's implicit stream runs the teacher's head on the
+    student's anchors: both detectors need the same levels and anchors (UserError naming both otherwise)."""
+    s_gen, t_gen = _anchor_generator(student), _anchor_generator(teacher)
+    mine = (tuple(map(tuple, s_gen.sizes)), tuple(map(tuple, s_gen.aspect_ratios)))
+    theirs = (tuple(map(tuple, t_gen.sizes)), tuple(map(tuple, t_gen.aspect_ratios)))
+    if mine != theirs:
+        raise UserError(f"student and teacher differ in FPN levels or anchors: student sizes {mine[0]}, ratios "
+                        f"{mine[1][0]}; teacher sizes {theirs[0]}, ratios {theirs[1][0]}", where="models",
+                        fix="give the student the teacher's fpn_levels and anchors in pipelines.yaml")
+
+
 def _freeze(module: nn.Module) -> nn.Module:
     return module.requires_grad_(False).eval()
 
@@ -117,7 +138,9 @@ class DistillTask(DetectorTask):
         self.method, self.adapter, self.distill = method, adapter, distill
         self.widths_differ = s_width != t_width
         self.arch = arch_module(student)
-        self.levels = distilled_levels(method, distill, self.arch.NUM_LEVELS)
+        if method != "none":
+            check_same_pyramid(student, teacher)
+        self.levels = distilled_levels(method, distill, fpn_level_count(student))
         self.teacher = _freeze(teacher)
         self.amplifier_head = _freeze(amplifier_head) if amplifier_head is not None else None
         if method == "ds2d2":
@@ -172,7 +195,7 @@ def make_adapter(method: str, student: nn.Module, teacher: nn.Module, mode: str 
     s_width, t_width = student.backbone.out_channels, teacher.backbone.out_channels
     if method == "none" or (method not in ALWAYS_ADAPTED and s_width == t_width):
         return None
-    levels = distilled_levels(method, distill or default_distill(), arch_module(student).NUM_LEVELS)
+    levels = distilled_levels(method, distill or default_distill(), fpn_level_count(student))
     return FeatureAdapter(s_width, t_width, len(levels), mode)
 
 

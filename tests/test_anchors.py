@@ -224,3 +224,16 @@ def test_head_norm_setting_puts_groupnorm_in_both_subnets():
         assert len(norms) == 1 and norms[0].num_groups == 16  # width 16: as many groups as divide it, up to 32
     plain = build_detector(spec("retinanet"), 2, 64)
     assert not any(isinstance(m, torch.nn.GroupNorm) for m in plain.head.modules())
+
+
+def test_distillation_refuses_a_student_with_other_levels_or_anchors():
+    from distill.tasks import build_task
+
+    teacher = build_detector(spec("retinanet", AnchorConfig(**SMALL), fpn_levels=(2, 6)), 2, 64)
+    same = build_detector(spec("retinanet", AnchorConfig(**SMALL), fpn_levels=(2, 6)), 2, 64)
+    other = build_detector(spec("retinanet"), 2, 64)  # reference anchors on P3-P7
+    task = build_task("student", model=same, teacher=teacher, method="fitnet")
+    assert len(task.levels) == 5
+    with pytest.raises(UserError, match="differ in FPN levels or anchors"):
+        build_task("student", model=other, teacher=teacher, method="fitnet")
+    assert build_task("student", model=other, method="none") is not None  # no teacher involved: anything goes

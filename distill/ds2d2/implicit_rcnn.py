@@ -1,6 +1,6 @@
 """DS2D2 for Faster R-CNN: the high-frequency amplifier detector (stage 2) and the two-stage implicit stream (stage 3).
 
-The FasterRCNN entry of distill.tasks.ARCH_MODULES (same interface as implicit_retina: NUM_LEVELS, PKD_WEIGHT,
+The FasterRCNN entry of distill.tasks.ARCH_MODULES (same interface as implicit_retina: PKD_WEIGHT,
 train_step, amplifier_model, amplifier_part, ImplicitStream).
 
 Stage 2, as the reference's DS2D2_FasterRCNN_Amplifier: the teacher's backbone + FPN frozen, an RPN and a RoI head
@@ -30,7 +30,6 @@ from distill.ds2d2.hf_backbone import HighFrequencyBackbone
 from distill.models.faster_rcnn import as_feature_dict
 from distill.models.faster_rcnn import rcnn_train_step as train_step  # noqa: F401  (the arch-module interface)
 
-NUM_LEVELS = 5  # P2..P6 (P6 = the max-pool level)
 PKD_WEIGHT = 6.0  # mmrazor pkd_fpn_faster-rcnn_r101_faster-rcnn_r50_2x_coco: loss_weight 6 on FPN levels 0-3
 DEFAULT_TEMPERATURE = 3.0
 KL_LOSS_WEIGHT = 0.5  # the reference's KD_KLDivLoss(class_reduction='sum', T=3, loss_weight=0.5)

@@ -1,6 +1,6 @@
 """DS2D2 for RetinaNet: the high-frequency amplifier detector (stage 2) and the implicit stream (stage 3).
 
-This module is the RetinaNet entry of distill.tasks.ARCH_MODULES; an arch module provides NUM_LEVELS, PKD_WEIGHT,
+This module is the RetinaNet entry of distill.tasks.ARCH_MODULES; an arch module provides PKD_WEIGHT,
 `train_step(model, images, targets) -> (losses, features, state)`, `amplifier_model(teacher, init_from_teacher)`,
 `amplifier_part(amplifier_model)` and `ImplicitStream(teacher, amplifier_part, distill)` whose forward takes
 (student features at teacher width, teacher features, state) and returns weighted loss terms.
@@ -21,7 +21,6 @@ from distill.ds2d2.hf_backbone import HighFrequencyBackbone
 from distill.models.retinanet import retina_head
 from distill.models.retinanet import retina_train_step as train_step  # noqa: F401  (the arch-module interface)
 
-NUM_LEVELS = 5  # P3..P7
 PKD_WEIGHT = 10.0  # mmrazor pkd_fpn_retina_x101_retina_r50_2x_coco: loss_weight 10 on FPN levels 0-3
 FOCAL_BETA = 1.0  # the reference's KD_QualityFocalLoss beta
 
@@ -36,9 +35,11 @@ def amplifier_model(teacher: RetinaNet, init_from_teacher: bool = True) -> Retin
     model = copy.deepcopy(teacher, memo={id(teacher.backbone): teacher.backbone})  # copy all but the backbone
     model.backbone = HighFrequencyBackbone(teacher.backbone)
     if not init_from_teacher:
-        cls_head = teacher.head.classification_head
+        cls_head, reg_head = teacher.head.classification_head, teacher.head.regression_head
+        norm = "gn" if any(isinstance(m, nn.GroupNorm) for m in cls_head.conv.modules()) else "none"
         model.head = retina_head(teacher.backbone.out_channels, cls_head.num_anchors, cls_head.num_classes,
-                                 len(cls_head.conv)).to(next(teacher.parameters()).device)
+                                 len(cls_head.conv), norm).to(next(teacher.parameters()).device)
+        model.head.regression_head._loss_type = reg_head._loss_type  # the teacher's box loss (e.g. giou)
     model.head.requires_grad_(True)
     return model
 
