@@ -246,7 +246,7 @@ def _tensorrt(bundle: BundleWriter, plan: Any, target: Any, opts: Options, calib
                      f"model's float types ({', '.join(sorted(kinds)) or 'none'}).")
         if "float32" in kinds:
             say(f"note: {notes[-1]} FP16 needs a Q/DQ model written with FP16 high precision")
-    version, why_not = tensorrt_status(plan.trt_major)
+    version, _ = tensorrt_status(plan.trt_major)
     if version and plan.trt_major < 11 and plan.precision == "int8":  # pragma: no cover - needs TensorRT and a GPU
         build_calibration_cache(fp32_path, ({"images": b} for b in calib.batches()),
                                 bundle.path(CALIB_CACHE, "calib-cache"), calib.method, plan.workspace_mb)
@@ -256,7 +256,8 @@ def _tensorrt(bundle: BundleWriter, plan: Any, target: Any, opts: Options, calib
     if here:
         cache = bundle.final.parent / "timing-caches" / f"{opts.target}-trt{plan.trt_major}.cache"
         run_build_script(bundle.tmp, cache, log=say)
-        built = "The engine was built on the build host (it is the target's platform) and registered in engine.json."
+        built = (f"The engine was built and registered in engine.json when this bundle was made ({why}); on any "
+                 f"other device run ./{BUILD_SCRIPT} again.")
     else:
         say(f"no TensorRT engine was built on this machine: {why}")
         built = f"No engine was built when this bundle was made ({why})."

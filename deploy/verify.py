@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from runtime.atomic import write_json_atomic
+from runtime.backends.select import BACKENDS, PRECISIONS
 from runtime.cli import add_debug_flag, run_cli
 from runtime.errors import UserError
 from runtime.manifest import Bundle, load_bundle
@@ -146,9 +147,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="dataset root holding the test images the build scored (accuracy_gate.json)")
     gate.add_argument("--format", default=None, help="dataset format (default: detected)")
     gate.add_argument("--split", default=None, help="split (default: the one the build scored)")
-    gate.add_argument("--backend", default="auto", help="trt: the registered TensorRT engine; auto: the best that "
+    gate.add_argument("--backend", default="auto", choices=BACKENDS, help="trt: the registered TensorRT engine; auto: the best that "
                       "runs here (warns when an engine cannot); ort-cpu / ort-cuda / ort-trt")
-    gate.add_argument("--precision", default="auto", help="which ONNX model for ONNX Runtime backends")
+    gate.add_argument("--precision", default="auto", choices=PRECISIONS,
+                      help="which ONNX model for ONNX Runtime backends")
     gate.add_argument("--batch", type=int, default=1, help="images per backend call (default 1)")
     gate.add_argument("--ap50-drop-limit", type=float, default=None,
                       help="AP50 points the backend may lose against FP32 (default: the build's "

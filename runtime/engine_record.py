@@ -9,8 +9,9 @@ device that built it, the exact trtexec command, and whether the engine is versi
 ``--exportProfile`` JSON into ``engine_timing.json``, tied to the engine's sha256.
 
 This file is copied verbatim into every TensorRT bundle and runs there as a script: it imports only the standard
-library (and, when present, TensorRT's Python bindings to deserialize the engine once), because a device may have
-nothing but python3 and JetPack. ``runtime.manifest`` validates and checks what it writes.
+library (and, when present, TensorRT's Python bindings to deserialize the engine once) and runs on Python 3.8+,
+because a device may have nothing but JetPack's python3 (3.10 on JetPack 6). ``runtime.manifest`` validates and
+checks what it writes.
 """
 from __future__ import annotations
 
@@ -43,8 +44,12 @@ class RecordError(Exception):
 
 def file_sha256(path: str | Path) -> str:
     """Hex sha256 of a file, streamed (the project's one sha256)."""
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        # a loop rather than hashlib.file_digest (Python 3.11): JetPack 6's python3 is 3.10
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_json_atomic(path: Path, data: Any) -> Path:
@@ -186,8 +191,8 @@ def register(bundle: Path, engine: str, onnx: str, log: str, precision: str, arg
         built_with = [int(p) for p in re.findall(r"\d+", version or "")][:3]
         if built_with and built_with != [int(p) for p in re.findall(r"\d+", bindings["tensorrt_version"])][:3]:
             raise RecordError(f"trtexec is TensorRT {version} but python3's tensorrt is "
-                              f"{bindings['tensorrt_version']}: the runtime would refuse this engine — use the trtexec of the same TensorRT "
-                              "(set TRTEXEC) or the matching python3 (set PYTHON)")
+                              f"{bindings['tensorrt_version']}: the runtime would refuse this engine — use the "
+                              "trtexec of the same TensorRT (set TRTEXEC) or the matching python3 (set PYTHON)")
         version = bindings["tensorrt_version"]
     if not version:
         raise RecordError(f"{bundle / log}: trtexec printed no TensorRT version")

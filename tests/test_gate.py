@@ -14,7 +14,8 @@ from trained_tiny import built_bundle, trained_project
 
 from runtime.manifest import load_bundle
 
-pytestmark = pytest.mark.slow
+# Training the tiny detector takes ~1 min alone, several on a loaded machine: more than the default 600 s timeout.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 def test_trained_student_passes_the_gate(tmp_path_factory):

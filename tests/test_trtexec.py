@@ -247,3 +247,23 @@ def test_format_table_names_what_is_missing(monkeypatch):
     assert rows["engine"]["available"].startswith("no") and rows["engine"]["gpu"] == "yes"
     with pytest.raises(UserError, match="unknown export format"):
         formats.get_format("tflite")
+
+
+def test_device_side_commands_need_no_torch():
+    """A Jetson has the torch-free runtime: the device gate and the registration tool must import without torch."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    probe = ("import importlib.abc, sys\n"
+             "class Block(importlib.abc.MetaPathFinder):\n"
+             "    def find_spec(self, name, path=None, target=None):\n"
+             "        if name.split('.')[0] in ('torch', 'torchvision', 'onnx', 'polygraphy', 'modelopt'):\n"
+             "            raise ImportError(name + ' is not on the device')\n"
+             "sys.meta_path.insert(0, Block())\n"
+             "import deploy.verify, runtime.engine_record, runtime.bench, runtime.data, runtime.detector, "
+             "runtime.evaluate, runtime.metrics\n"
+             "print('ok')\n")
+    repo = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", probe], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

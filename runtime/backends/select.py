@@ -4,8 +4,8 @@
 GPU are here and the engine was built for this GPU and TensorRT version; ONNX Runtime on CUDA (onnxruntime-gpu and a
 GPU); ONNX Runtime on the CPU. When the bundle has an engine that cannot run here, ``auto`` says why in a warning
 (and in the choice's reason, which reports record) before it falls back. ONNX Runtime's TensorRT provider is never
-chosen automatically: it builds an engine when the session starts (minutes on a Jetson), so it is only used when asked for.
-Precision ``auto`` takes the bundle's most reduced model the device runs well: INT8 Q/DQ, else FP32 (an FP16 ONNX
+chosen automatically: it builds an engine when the session starts (minutes on a Jetson), so it is only used when
+asked for. Precision ``auto`` takes the bundle's most reduced model the device runs well: INT8 Q/DQ, else FP32 (an FP16 ONNX
 runs well only on a GPU).
 """
 from __future__ import annotations

@@ -106,18 +106,33 @@ class ICudaEngine:
     """A deserialized plan: I/O tensors from the ONNX model inside, the optimization profile from its header."""
 
     def __init__(self, header: dict, onnx_bytes: bytes):
-        import onnxruntime as ort
-
         self.header = header
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        self._session = ort.InferenceSession(onnx_bytes, sess_options=options, providers=["CPUExecutionProvider"])
-        self._io = [(i, TensorIOMode.INPUT) for i in self._session.get_inputs()] + \
-                   [(o, TensorIOMode.OUTPUT) for o in self._session.get_outputs()]
+        self._onnx, self._loaded = onnx_bytes, None
         self.num_optimization_profiles = 1
         level = header.get("hardware_compatibility", "none")
         self.hardware_compatibility_level = {"none": HardwareCompatibilityLevel.NONE,
                                              "ampere+": HardwareCompatibilityLevel.AMPERE_PLUS}[level]
+
+    def _ort(self):
+        """The ONNX Runtime session, made on first use (registration only deserializes: no onnxruntime needed)."""
+        if self._loaded is None:
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            session = ort.InferenceSession(self._onnx, sess_options=options, providers=["CPUExecutionProvider"])
+            io = [(i, TensorIOMode.INPUT) for i in session.get_inputs()] + \
+                 [(o, TensorIOMode.OUTPUT) for o in session.get_outputs()]
+            self._loaded = session, io
+        return self._loaded
+
+    @property
+    def _session(self):
+        return self._ort()[0]
+
+    @property
+    def _io(self):
+        return self._ort()[1]
 
     @property
     def num_io_tensors(self) -> int:
