@@ -2,9 +2,11 @@
 
 Steps, each a loader from deploy/: export the network at the target's input size and check it against PyTorch on
 real preprocessed training images (Polygraphy); quantize with the target's quantizer, calibrated on the training
-split; gate the INT8 model on the test split (ONNX Runtime CPU + runtime post-processing + COCO AP50), keeping
-sensitive layer groups in float when the AP50 drop is too large; build the engine where TensorRT and a GPU exist,
-else write build_engine.sh; write the bundle atomically. Same inputs -> the existing bundle is reused.
+split; gate the INT8 model on the test split (the runtime's detector loop on ONNX Runtime CPU + COCO AP50), keeping
+sensitive layer groups in float when the AP50 drop is too large, and shipping FP16 (FP32 on ONNX Runtime targets)
+when even that fails; for TensorRT targets write build_engine.sh / bench_engine.sh / engine_record.py, and run
+build_engine.sh here only when this host is the target's platform (or --engine build); write the bundle atomically.
+Same inputs -> the existing bundle is reused.
 """
 from __future__ import annotations
 
@@ -23,10 +25,11 @@ from deploy.bundle import BUILD_INFO, BundleWriter, input_hash, manifest_fields,
 from deploy.calibration import calibration_set, load_split
 from deploy.export import AutocastFp16, ExportOnnx, SimplifyOnnx, deploy_network
 from deploy.fidelity import check_fidelity
-from deploy.gate import accuracy_gate, evaluate_models
+from deploy.gate import GateReport, accuracy_gate, evaluate_models
 from deploy.quantize import QuantizeOnnx
-from deploy.tensorrt import (CALIB_CACHE, FP16_ONNX, FP32_ONNX, INT8_ONNX, build_calibration_cache, build_engine,
-                             build_engine_script, engine_plan, tensorrt_status, trtexec_command)
+from deploy.tensorrt import (BENCH_SCRIPT, BUILD_SCRIPT, CALIB_CACHE, FP16_ONNX, FP32_ONNX, INT8_ONNX, RECORD_TOOL,
+                             bench_engine_script, build_calibration_cache, build_decision, build_engine_script,
+                             engine_plan, float_types, record_tool_source, run_build_script, tensorrt_status)
 from runtime.cli import add_debug_flag, run_cli
 from runtime.config import DEFAULT_CONFIG, add_config_args, load_config
 from runtime.errors import UserError
@@ -45,6 +48,7 @@ class Options:
     calib_images: int
     nms: str
     input_size: int
+    engine: str = "auto"  # --engine: auto (build here only when this host is the target), build, script
 
 
 def _names(section: str) -> str:
@@ -142,7 +146,7 @@ def build_role(pipe: Any, target: Any, opts: Options, checkpoint: Path, out_dir:
     plan = engine_plan(target, opts.precision, size, pipe.deploy.dynamic_batch, opts.target) if trt else None
     failed_dir = out_dir.parent / "failed" / out_dir.name
     described: dict[str, str] = {}
-    gate_dict, engine_info, summary = None, None, {"role": opts.role, "precision": opts.precision}
+    summary: dict[str, Any] = {"role": opts.role, "precision": opts.precision}
     with BundleWriter(out_dir) as bundle:
         fp32_path = bundle.path(FP32_ONNX, "onnx-fp32", "fp32")
         SimplifyOnnx(ExportOnnx(net, fp32_path, size, pipe.deploy.opset, pipe.deploy.dynamic_batch))()
@@ -157,15 +161,38 @@ def build_role(pipe: Any, target: Any, opts: Options, checkpoint: Path, out_dir:
                             where=str(kept), fix="inspect fidelity.json there; loosen deploy.fidelity_atol/rtol only "
                             "if the difference is numerical noise")
         say(f"exported {fp32_path.name}: ONNX Runtime matches PyTorch ({fidelity.worst()})")
+        records = load_split(pipe, pipe.dataset.test_split).records[: pipe.deploy.eval_images]
+        evaluate = lambda paths: evaluate_models(paths, records, classes, calib.spec, post)  # noqa: E731
         if opts.precision == "int8":
-            gate_dict = _quantize_and_gate(bundle, pipe, target, plan, calib, post, classes, failed_dir, described,
-                                           summary, say)
+            report = _quantize_and_gate(bundle, pipe, target, plan, calib, evaluate, described, summary, say)
+        else:  # no INT8 gate, but the device gate needs the FP32 AP50 this build measured
+            report = GateReport(evaluate({"fp32": fp32_path})["fp32"], None, None, pipe.deploy.ap50_drop_limit, None,
+                                shipped=opts.precision)
+            summary.update(fp32_ap50=report.fp32.AP50, fp32_ms=report.fp32.latency_ms_median)
+        report.split, report.images = pipe.dataset.test_split, [r.path.name for r in records]
+        failed = report.passed is False
+        if failed:  # INT8 would cost too much accuracy even after the sensitivity pass: ship the fallback instead
+            fallback = "fp16" if trt else "fp32"
+            report.shipped = summary["precision"] = fallback
+            summary["fallback"] = f"INT8 failed the gate (AP50 drop {report.drop_ap50:.2f} > {report.limit:g})"
+        gate_dict = report.as_dict()
+        bundle.write_json("accuracy_gate.json", gate_dict, "accuracy-gate")
+        described["accuracy_gate.json"] = (f"AP50 on {len(records)} test images ({report.split} split) with the "
+                                           "image list; what the device gate (deploy.verify --dataset) compares to")
+        if failed:
+            kept = bundle.keep_failed(failed_dir, move=False)
+            bundle.drop(INT8_ONNX)
+            described.pop(INT8_ONNX, None)
+            say(f"INT8 AP50 drop {report.drop_ap50:.2f} stays above the limit {report.limit:g} even with "
+                f"{', '.join(report.kept_float_groups) or 'no group'} in float: writing an {fallback.upper()} bundle "
+                f"instead (the INT8 attempt, its accuracy_gate.json and sensitivity.json are kept in {kept})")
+            plan = engine_plan(target, fallback, size, pipe.deploy.dynamic_batch, opts.target) if trt else None
         if plan is not None and plan.onnx_file == FP16_ONNX:
             AutocastFp16(fp32_path, bundle.path(FP16_ONNX, "onnx-fp16", "fp16"))()
             described[FP16_ONNX] = "mixed FP16 (ModelOpt AutoCast) for strongly typed TensorRT"
         engine_note = "The target runs the ONNX files with ONNX Runtime; no TensorRT engine is involved."
         if plan is not None:
-            engine_note, engine_info = _tensorrt(bundle, plan, opts, calib, fp32_path, described, say)
+            engine_note = _tensorrt(bundle, plan, target, opts, calib, fp32_path, report, described, say)
         notes = f"built by deploy.build from {checkpoint} ({meta.get('role')}, method {meta.get('method')})"
         bundle.write_text("README.md", readme(pipe.name, opts.role, opts.target, target.description,
                                               {**described, "manifest.json": "hashes, versions, pre/post-processing"},
@@ -174,16 +201,14 @@ def build_role(pipe: Any, target: Any, opts: Options, checkpoint: Path, out_dir:
                                        "summary": summary}, "build-info")
         bundle.commit(**manifest_fields(pipe.name, opts.role, opts.target, classes, calib.spec, post,
                                         net.output_names, (1 if not pipe.deploy.dynamic_batch else "batch", 3, size,
-                                                           size), plan.trt_major if plan else None, engine_info,
-                                        notes))
+                                                           size), plan, notes))
     say(f"bundle written: {out_dir}")
     return {**summary, "bundle": str(out_dir), "status": "built"}
 
 
-def _quantize_and_gate(bundle: BundleWriter, pipe: Any, target: Any, plan: Any, calib: Any, post: PostprocessSpec,
-                       classes: list[str], failed_dir: Path, described: dict[str, str], summary: dict[str, Any],
-                       say: Any) -> dict[str, Any]:
-    """INT8 Q/DQ with the target's quantizer, then the accuracy gate (and sensitivity pass); returns the gate report."""
+def _quantize_and_gate(bundle: BundleWriter, pipe: Any, target: Any, plan: Any, calib: Any, evaluate: Any,
+                       described: dict[str, str], summary: dict[str, Any], say: Any) -> GateReport:
+    """INT8 Q/DQ with the target's quantizer, then the accuracy gate (and sensitivity pass); returns its report."""
     fp32_path = bundle.tmp / FP32_ONNX
     bundle.write_json("calibration.json", calib.manifest(), "calib-manifest")
     described["calibration.json"] = f"{len(calib)} calibration images ({calib.split} split) + preprocessing"
@@ -194,57 +219,74 @@ def _quantize_and_gate(bundle: BundleWriter, pipe: Any, target: Any, plan: Any, 
         say(first.note)
     say(f"quantized with {first.quantizer}: {first.qdq['QuantizeLinear']} Q / {first.qdq['DequantizeLinear']} DQ "
         "nodes, head outputs in float")
-    records = load_split(pipe, pipe.dataset.test_split).records[: pipe.deploy.eval_images]
     report, final = accuracy_gate(
         fp32_path, first,
         requantize=lambda keep: QuantizeOnnx(fp32_path, int8_path, calib, target.quantizer, keep, dla)(),
-        evaluate=lambda paths: evaluate_models(paths, records, classes, calib.spec, post),
-        limit=pipe.deploy.ap50_drop_limit, max_groups=pipe.deploy.sensitivity_groups,
+        evaluate=evaluate, limit=pipe.deploy.ap50_drop_limit, max_groups=pipe.deploy.sensitivity_groups,
         feeds=calib.feeds(min(8, len(calib))), progress=say)
-    gate = report.as_dict()
-    bundle.write_json("accuracy_gate.json", gate, "accuracy-gate")
     described[INT8_ONNX] = f"INT8 explicit Q/DQ ({final.quantizer}), head outputs in float"
-    described["accuracy_gate.json"] = "AP50 of FP32 and INT8 on the test split, sensitivity table"
     if report.sensitivity:
         bundle.write_json("sensitivity.json", report.sensitivity, "sensitivity")
         described["sensitivity.json"] = "output drift per layer group left in float"
     summary.update(fp32_ap50=report.fp32.AP50, int8_ap50=report.int8.AP50, drop=report.drop_ap50,
                    fp32_ms=report.fp32.latency_ms_median, int8_ms=report.int8.latency_ms_median)
-    if not report.passed:
-        kept = bundle.keep_failed(failed_dir)
-        raise UserError(f"INT8 AP50 drop {report.drop_ap50:.2f} stays above the limit {report.limit:g} even with "
-                        f"{report.kept_float_groups} in float", where=str(kept),
-                        fix="raise deploy.ap50_drop_limit, calibrate on more images, or use --precision fp16")
-    return gate
+    return report
 
 
-def _tensorrt(bundle: BundleWriter, plan: Any, opts: Options, calib: Any, fp32_path: Path,
-              described: dict[str, str], say: Any) -> tuple[str, Any]:
-    """Build the engine where possible; always write build_engine.sh. Returns (README note, EngineInfo | None)."""
-    from runtime.manifest import EngineInfo
-
-    version, why = tensorrt_status(plan.trt_major)
-    engine_info, cache = None, False
-    if version:  # pragma: no cover - needs TensorRT and a GPU (not executed here)
-        persistent = bundle.final.parent / "timing-caches" / f"{opts.target}-trt{version}.cache"
-        built = build_engine(plan, bundle.tmp, persistent, log=say)
-        for name, role in ((built.engine.name, "engine"), (built.timing_cache.name, "timing-cache"),
-                           (built.layer_info.name, "engine-layers"), (built.build_log.name, "build-log")):
-            bundle.path(name, role, opts.precision if role == "engine" else None)
-        engine_info = EngineInfo(file=built.engine.name, gpu_name=built.gpu_name, trt_version=built.trt_version,
-                                 compute_capability=built.compute_capability)
-        if plan.trt_major < 11 and opts.precision == "int8":
-            build_calibration_cache(fp32_path, ({"images": b} for b in calib.batches()),
-                                    bundle.path(CALIB_CACHE, "calib-cache"), calib.method, plan.workspace_mb)
-            cache = True
-        note = f"Built here with TensorRT {version}: `{built.engine.name}` (per-layer precisions in the build log)."
+def _tensorrt(bundle: BundleWriter, plan: Any, target: Any, opts: Options, calib: Any, fp32_path: Path,
+              report: GateReport, described: dict[str, str], say: Any) -> str:
+    """Write build_engine.sh, bench_engine.sh and engine_record.py; build the engine here only where it runs.
+    Returns the README's section on the device steps."""
+    bundle.write_text(RECORD_TOOL, record_tool_source(), "engine-tool", mode=0o755)
+    bundle.write_text(BUILD_SCRIPT, build_engine_script(plan, opts.target, calib_cache=False), "build-script",
+                      mode=0o755)
+    bundle.write_text(BENCH_SCRIPT, bench_engine_script(plan, opts.target), "bench-script", mode=0o755)
+    described[BUILD_SCRIPT] = f"builds and registers the engine on the device (trtexec, TensorRT {plan.trt_major}.x)"
+    described[BENCH_SCRIPT] = "times the registered engine alone with trtexec; runtime.bench shows the figures"
+    described[RECORD_TOOL] = "writes engine.json / engine_timing.json (standard library only)"
+    notes = []
+    if plan.strongly_typed and plan.precision == "int8":
+        kinds = float_types(bundle.tmp / plan.onnx_file)
+        notes.append(f"TensorRT {plan.trt_major} builds strongly typed: the layers left out of INT8 run in the Q/DQ "
+                     f"model's float types ({', '.join(sorted(kinds)) or 'none'}).")
+        if "float32" in kinds:
+            say(f"note: {notes[-1]} FP16 needs a Q/DQ model written with FP16 high precision")
+    version, _ = tensorrt_status(plan.trt_major)
+    if version and plan.trt_major < 11 and plan.precision == "int8":  # pragma: no cover - needs TensorRT and a GPU
+        build_calibration_cache(fp32_path, ({"images": b} for b in calib.batches()),
+                                bundle.path(CALIB_CACHE, "calib-cache"), calib.method, plan.workspace_mb)
+        bundle.write_text(BUILD_SCRIPT, build_engine_script(plan, opts.target, calib_cache=True), "build-script",
+                          mode=0o755)
+    here, why = build_decision(target, opts.engine)
+    if here:
+        cache = bundle.final.parent / "timing-caches" / f"{opts.target}-trt{plan.trt_major}.cache"
+        run_build_script(bundle.tmp, cache, log=say)
+        built = (f"The engine was built and registered in engine.json when this bundle was made ({why}); on any "
+                 f"other device run ./{BUILD_SCRIPT} again.")
     else:
         say(f"no TensorRT engine was built on this machine: {why}")
-        note = (f"No engine was built when this bundle was made ({why}). On the device run `./build_engine.sh` "
-                f"(TensorRT {plan.trt_major}.x):\n\n    {' '.join(trtexec_command(plan))}")
-    bundle.write_text("build_engine.sh", build_engine_script(plan, opts.target, cache), "build-script", mode=0o755)
-    described["build_engine.sh"] = f"trtexec command for TensorRT {plan.trt_major}.x ({opts.precision})"
-    return note, engine_info
+        built = f"No engine was built when this bundle was made ({why})."
+    limit = report.limit
+    steps = [
+        built, "",
+        "On the device (nothing here needs editing; copy the whole directory):", "",
+        f"1. `./{BUILD_SCRIPT}` builds `model.engine` with trtexec (TensorRT {plan.trt_major}.x, {plan.precision}"
+        + (f", DLA core {plan.dla_core}" if plan.dla_core is not None else "") + ") and registers it in `engine.json` "
+        "(sha256, TensorRT version, GPU, compute capability, flags). The runtime finds the engine only through "
+        "`engine.json` and refuses an engine whose file, TensorRT version or GPU differs.",
+        "2. `python -m runtime.bench <this directory> --image scene.jpg`: `--backend auto` runs the registered "
+        "engine when it matches this device (else ONNX Runtime, with a warning saying why); the report records "
+        "JetPack, TensorRT, nvpmodel, jetson_clocks, GPU/EMC clocks, temperatures and power beside the latency.",
+        f"3. `./{BENCH_SCRIPT}` times the engine alone (trtexec, CUDA graph, no copies, per-layer profile); "
+        "`runtime.bench` then shows those engine-only figures beside its end-to-end ones.",
+        f"4. `python -m deploy.verify <this directory> --dataset DIR --backend trt` scores the engine on the "
+        f"{len(report.images)} {report.split}-split images listed in `accuracy_gate.json` and fails when its AP50 is "
+        f"more than {limit:g} points below the FP32 AP50 measured here ({100 * report.fp32.AP50:.2f}).",
+        *([""] + notes if notes else []),
+        "", "These scripts were written against TensorRT's documented trtexec and Python APIs; this project's "
+        "machines have no TensorRT, so they ran only against labelled test doubles there.",
+    ]
+    return "\n".join(steps)
 
 
 @dataclass(frozen=True)
@@ -258,6 +300,7 @@ class BuildRequest:
     precision: str | None = None  # default: the target's
     calib_images: int | None = None  # default: calibration.images of the pipeline
     nms: str = "host"
+    engine: str = "auto"  # TensorRT targets: 'auto' | 'build' | 'script'
     work_dir: Path | None = None
     out: Path | None = None
     config: Path | None = None
@@ -284,7 +327,7 @@ def build_bundles(request: BuildRequest, console: Console | None = None) -> list
     rows = []
     for role in roles:
         opts = Options(request.target, role, precision, request.calib_images or pipe.calibration.images,
-                       request.nms, size)
+                       request.nms, size, request.engine)
         ckpt = request.checkpoint or checkpoint_path(pipe, role, request.work_dir)
         out = base / role if len(roles) > 1 else base
         rows.append(build_role(pipe, target, opts, Path(ckpt), Path(out), console))
@@ -304,6 +347,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--calib-images", type=int, default=None, help="default: calibration.images of the pipeline")
     parser.add_argument("--nms", choices=("host", "graph"), default="host",
                         help="host: numpy post-processing (default); graph: decoding + NMS inside the ONNX graph")
+    parser.add_argument("--engine", choices=("auto", "build", "script"), default="auto",
+                        help="TensorRT targets: auto builds the engine here only when this host is the target's "
+                             "platform (a Jetson for jetson targets, an x86 GPU host for x86-cuda); build forces it; "
+                             "script only ships build_engine.sh (default: auto)")
     parser.add_argument("--work-dir", type=Path, default=None, help="where distill.run wrote checkpoints")
     parser.add_argument("--out", type=Path, default=None,
                         help="bundle directory (default artifacts/<pipeline>/<target>, + /<role> with --model both)")
@@ -312,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     request = BuildRequest(target=args.target, pipeline=args.pipeline, model=args.model, checkpoint=args.checkpoint,
                            precision=args.precision, calib_images=args.calib_images, nms=args.nms,
-                           work_dir=args.work_dir, out=args.out, config=args.config, overrides=tuple(args.overrides))
+                           engine=args.engine, work_dir=args.work_dir, out=args.out, config=args.config, overrides=tuple(args.overrides))
     console = Console(stderr=True)
     _print_summary(console, build_bundles(request, console))
     return 0

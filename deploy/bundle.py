@@ -2,7 +2,9 @@
 
 A bundle is built in a temporary sibling directory; only when every file and ``manifest.json`` (sha256 of each file)
 are written is it renamed into place, so readers see the old bundle or the new one, never a half-written one.
-A failed build's files move under ``failed/`` for inspection instead. ``build_info.json`` records the hash of
+A failed build's files move (or, when the build falls back to another precision, are copied) under ``failed/`` for
+inspection. A TensorRT engine built later on the device is not part of the manifest: ``build_engine.sh`` registers
+it in ``engine.json``, verified on its own by runtime.manifest.load_bundle. ``build_info.json`` records the hash of
 everything that went in (checkpoint bytes, target, config sections, options, deploy code, tool versions): the
 next build with the same hash reuses the bundle after re-checking its files.
 """
@@ -21,15 +23,13 @@ from typing import Any
 
 from runtime.errors import UserError
 from runtime.manifest import (
-    MANIFEST_NAME,
     InputInfo,
     Manifest,
     OutputInfo,
     TensorRTInfo,
     describe_file,
     file_sha256,
-    load_manifest,
-    verify_files,
+    load_bundle,
     write_manifest,
 )
 
@@ -37,8 +37,9 @@ BUILD_INFO = "build_info.json"
 ROOT = Path(__file__).resolve().parent.parent
 # Code whose change alters what a build writes: the deploy chain and the runtime pieces baked into the bundle.
 HASHED_CODE = ("deploy", "distill/models", "distill/checkpoint.py", "runtime/preprocess.py", "runtime/postprocess.py",
-               "runtime/anchors.py", "runtime/nms.py", "runtime/manifest.py", "runtime/metrics", "runtime/data/coco.py",
-               "runtime/data/images.py")
+               "runtime/anchors.py", "runtime/nms.py", "runtime/manifest.py", "runtime/engine_record.py",
+               "runtime/tiling.py", "runtime/detector.py", "runtime/boxes.py", "runtime/metrics",
+               "runtime/data/coco.py", "runtime/data/images.py")
 PACKAGES = {"torch": "torch", "torchvision": "torchvision", "onnx": "onnx", "onnxruntime": "onnxruntime",
             "onnxruntime-gpu": "onnxruntime-gpu", "onnxslim": "onnxslim", "polygraphy": "polygraphy",
             "modelopt": "nvidia-modelopt", "tensorrt": "tensorrt", "numpy": "numpy"}
@@ -87,13 +88,13 @@ def input_hash(checkpoint: Path, settings: dict[str, Any]) -> str:
 def reusable(bundle_dir: Path, wanted_hash: str) -> bool:
     """True when `bundle_dir` holds a bundle built from the same inputs whose files all still verify."""
     info_path = bundle_dir / BUILD_INFO
-    if not (bundle_dir / MANIFEST_NAME).is_file() or not info_path.is_file():
+    if not info_path.is_file():
         return False
     try:
         info = json.loads(info_path.read_text(encoding="utf-8"))
         if info.get("input_hash") != wanted_hash:
             return False
-        verify_files(bundle_dir, load_manifest(bundle_dir / MANIFEST_NAME))
+        load_bundle(bundle_dir, verify=True)  # every listed file, and a registered engine against engine.json
     except (UserError, ValueError, OSError):
         return False  # a damaged bundle is rebuilt, not reused
     return True
@@ -138,13 +139,22 @@ class BundleWriter:
         """Write a JSON file into the bundle and list it."""
         return self.write_text(name, json.dumps(data, indent=2, default=str) + "\n", role)
 
-    def keep_failed(self, failed_dir: Path) -> Path:
-        """Move what was written so far to `failed_dir` (replacing an older failure) and return it."""
+    def keep_failed(self, failed_dir: Path, move: bool = True) -> Path:
+        """Move (or copy, when the build goes on with a fallback) what was written so far to `failed_dir`,
+        replacing an older failure; return it."""
         failed_dir.parent.mkdir(parents=True, exist_ok=True)
         if failed_dir.exists():
             shutil.rmtree(failed_dir)
-        os.replace(self.tmp, failed_dir)
+        if move:
+            os.replace(self.tmp, failed_dir)
+        else:
+            shutil.copytree(self.tmp, failed_dir)
         return failed_dir
+
+    def drop(self, name: str) -> None:
+        """Remove a file written earlier (and its manifest listing), e.g. an INT8 model that failed its gate."""
+        self.roles.pop(name, None)
+        (self.tmp / name).unlink(missing_ok=True)
 
     def commit(self, **manifest_fields: Any) -> Manifest:
         """Hash every listed file, write manifest.json, then swap the directory into place."""
@@ -168,14 +178,17 @@ class BundleWriter:
 
 
 def manifest_fields(pipeline: str, role: str, target: str, classes: list[str], preprocess: Any, postprocess: Any,
-                    output_names: tuple[str, ...], input_shape: tuple, trt_major: int | None,
-                    engine: Any = None, notes: str = "") -> dict[str, Any]:
-    """The manifest's fields other than files and versions (which BundleWriter.commit adds)."""
+                    output_names: tuple[str, ...], input_shape: tuple, plan: Any = None,
+                    notes: str = "") -> dict[str, Any]:
+    """The manifest's fields other than files and versions (which BundleWriter.commit adds); ``plan`` is the
+    deploy.tensorrt.EnginePlan of a TensorRT target (None for ONNX Runtime targets)."""
+    trt = TensorRTInfo(major_expected=plan.trt_major, onnx_file=plan.onnx_file, precision=plan.precision) \
+        if plan is not None else TensorRTInfo(build_script=None, bench_script=None)
     return {
         "pipeline": pipeline, "model_role": role, "target": target, "classes": tuple(classes),
         "input": InputInfo(shape=tuple(input_shape)), "preprocess": preprocess, "postprocess": postprocess,
         "outputs": tuple(OutputInfo(name=n, meaning=OUTPUT_MEANINGS[n]) for n in output_names),
-        "tensorrt": TensorRTInfo(major_expected=trt_major, engine=engine), "notes": notes,
+        "tensorrt": trt, "notes": notes,
     }
 
 
@@ -188,11 +201,17 @@ def readme(pipeline: str, role: str, target: str, description: str, files: dict[
              "(runtime.preprocess, runtime.postprocess); `runtime.manifest.load_bundle` loads and verifies it.", "",
              "## Files", ""]
     lines += [f"- `{name}`: {what}" for name, what in files.items()]
-    if gate:
+    if gate and gate.get("int8"):
         lines += ["", "## INT8 accuracy gate (ONNX Runtime CPU, test split)", "",
                   f"AP50 FP32 {100 * gate['fp32']['AP50']:.2f}, INT8 {100 * gate['int8']['AP50']:.2f}: "
                   f"drop {gate['drop_ap50']:.2f} points (limit {gate['limit']:g}) on {gate['fp32']['images']} images."]
         if gate.get("kept_float_groups"):
             lines.append(f"Kept in float after the sensitivity pass: {', '.join(gate['kept_float_groups'])}.")
+        if gate.get("shipped", "int8") != "int8":
+            lines.append(f"**INT8 failed the gate: this bundle ships {gate['shipped'].upper()} instead** (the INT8 "
+                         "attempt and its sensitivity table are kept under `../failed/`; `sensitivity.json` here too).")
+    elif gate:
+        lines += ["", "## Reference accuracy (ONNX Runtime CPU, test split)", "",
+                  f"AP50 FP32 {100 * gate['fp32']['AP50']:.2f} on {gate['fp32']['images']} images (no INT8 model)."]
     lines += ["", "## TensorRT engine", "", engine_note, ""]
     return "\n".join(lines)

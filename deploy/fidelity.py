@@ -56,15 +56,19 @@ class TorchRunner(BaseRunner):
         """Nothing to free: the module belongs to the caller."""
 
 
-def ort_session(path: str | Path, threads: int | None = None) -> Any:
-    """An ONNX Runtime CPU session (the machine's fidelity reference); `threads` caps intra-op threads."""
+def ort_session(model: str | Path | bytes | Any, threads: int | None = None) -> Any:
+    """An ONNX Runtime CPU session (the machine's fidelity reference) of an ONNX file, serialized model bytes or an
+    in-memory onnx.ModelProto; `threads` caps intra-op threads."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # Q/DQ models make ORT warn about every un-fused node
     if threads:
         opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    if hasattr(model, "SerializeToString"):
+        model = model.SerializeToString()
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
 def onnx_runner(path: str | Path, name: str | None = None, threads: int | None = None) -> OnnxrtRunner:

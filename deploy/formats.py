@@ -40,9 +40,10 @@ FORMATS: tuple[ExportFormat, ...] = (
                  "model_int8.onnx", (("onnxruntime", "onnxruntime"),)),
     ExportFormat("trt-calib-cache", "TensorRT 10 INT8 calibration cache (implicit quantization, Polygraphy)",
                  "calibration.cache", (("tensorrt", "tensorrt"),), needs_gpu=True),
-    ExportFormat("engine", "TensorRT engine built through Polygraphy's loaders", "model.engine",
-                 (("tensorrt", "tensorrt"),), needs_gpu=True),
-    ExportFormat("trtexec-script", "build_engine.sh: the exact trtexec command for the target", "build_engine.sh"),
+    ExportFormat("engine", "TensorRT engine, built where it runs by build_engine.sh (trtexec), registered in "
+                 "engine.json", "model.engine", (("tensorrt", "tensorrt"),), needs_gpu=True),
+    ExportFormat("trtexec-script", "build_engine.sh / bench_engine.sh: trtexec build + registration, engine timing",
+                 "build_engine.sh"),
 )
 
 # pipelines.yaml `targets.*.quantizer` -> the format it produces.

@@ -1,17 +1,19 @@
 """Accuracy gate: does the INT8 Q/DQ model still detect? If not, which layers must stay in float?
 
-Both ONNX models run under ONNX Runtime on the CPU over the test split (capped by deploy.eval_images), their raw
-outputs go through runtime.postprocess (the numpy post-processing the deployed runtime uses) and runtime.metrics
-scores them. When the AP50 drop exceeds deploy.ap50_drop_limit, a sensitivity pass measures, for each layer group
+Both ONNX models run over the test split (capped by deploy.eval_images) through the runtime's own detector loop
+(runtime.detector: pre-processing -> ONNX Runtime CPU runner -> numpy post-processing, as the deployed runtime runs
+them) and runtime.metrics scores them; the same scoring runs on the device against the TensorRT engine
+(``python -m deploy.verify BUNDLE --dataset DIR``), compared with the FP32 AP50 this gate records. When the AP50
+drop exceeds deploy.ap50_drop_limit, a sensitivity pass measures, for each layer group
 (backbone stages, FPN, head towers, ...), how much the output drift shrinks when that group alone computes in float
 (its Q/DQ bypassed, same calibration), then keeps the most sensitive groups in float one by one, re-quantizing and
 re-checking until the drop is within the limit.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,8 +24,11 @@ import onnx
 
 from deploy.fidelity import ort_session
 from deploy.quantize import QuantizeResult, head_output_nodes, prediction_layers, quantized_nodes
-from runtime.postprocess import PostprocessSpec, build_postprocess, sigmoid
-from runtime.preprocess import PreprocessSpec, preprocess_batch, read_image
+from runtime.backends.ort import OrtRunner
+from runtime.backends.select import BackendChoice
+from runtime.detector import Detector
+from runtime.postprocess import PostprocessSpec, sigmoid
+from runtime.preprocess import PreprocessSpec, read_image
 from runtime.records import DetectionSet, ImageRecord
 
 # Layer groups by the module path the exporter writes into node names, in network order.
@@ -50,48 +55,48 @@ class ModelScore:
 
 @dataclass
 class GateReport:
-    """The gate's outcome: both scores, the drop in AP50 points, and what had to stay in float."""
+    """The gate's outcome: both scores, the drop in AP50 points, what had to stay in float, and which images were
+    scored (so the device gate scores the engine on the same ones). ``int8`` is None when no INT8 model was made."""
 
     fp32: ModelScore
-    int8: ModelScore
-    drop_ap50: float
+    int8: ModelScore | None
+    drop_ap50: float | None
     limit: float
-    passed: bool
+    passed: bool | None
     kept_float_groups: list[str] = field(default_factory=list)
     steps: list[dict[str, Any]] = field(default_factory=list)
     sensitivity: list[dict[str, Any]] = field(default_factory=list)
+    split: str = ""
+    images: list[str] = field(default_factory=list)
+    shipped: str = "int8"  # the precision the bundle ships: "int8", or the fallback ("fp16" / "fp32")
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict."""
         return asdict(self)
 
 
-def _outputs(session: Any) -> list[str]:
-    return [o.name for o in session.get_outputs()]
-
-
 def evaluate_models(paths: dict[str, Path], records: Sequence[ImageRecord], classes: Sequence[str],
                     pre: PreprocessSpec, post: PostprocessSpec) -> dict[str, ModelScore]:
-    """Run every model on each image in turn (side by side, same inputs) and score each with COCO AP50."""
+    """Run every model on each image in turn (side by side, same inputs) through runtime.detector's loop with an
+    ONNX Runtime CPU runner, and score each with COCO AP50 (runtime.metrics)."""
     from runtime.data.coco import to_coco_dict
     from runtime.metrics import evaluate_coco
 
-    sessions = {k: ort_session(p) for k, p in paths.items()}
-    postprocess = build_postprocess(post)
+    detectors = {key: Detector.from_runner(BackendChoice(OrtRunner(path, "cpu"), "ort-cpu", Path(path), key,
+                                                         "accuracy gate"), pre, post, classes)
+                 for key, path in paths.items()}
     dets: dict[str, list] = {k: [] for k in paths}
     times: dict[str, list[float]] = {k: [] for k in paths}
-    for image_id, rec in enumerate(records, start=1):
-        batch, (transform,) = preprocess_batch([read_image(rec.path)], pre)
-        if image_id == 1:  # one untimed run each: first runs allocate and pick kernels
-            for sess in sessions.values():
-                sess.run(None, {"images": batch})
-        for key, sess in sessions.items():
-            start = time.perf_counter()
-            out = sess.run(None, {"images": batch})
-            times[key].append(time.perf_counter() - start)
-            found = postprocess.from_outputs(dict(zip(_outputs(sess), out)), pre.input_size)[0]
-            found.boxes = transform.boxes_to_original(found.boxes)
-            dets[key] += found.to_coco_results(image_id)
+    with contextlib.ExitStack() as stack:
+        for det in detectors.values():
+            stack.enter_context(det)
+        for image_id, rec in enumerate(records, start=1):
+            image = read_image(rec.path)
+            for key, det in detectors.items():
+                if image_id == 1:  # one untimed run each: first runs allocate and pick kernels
+                    det.detect([image])
+                dets[key] += det.detect([image])[0].to_coco_results(image_id)
+                times[key].append(det.last_times.infer)
     gt = to_coco_dict(DetectionSet("gate", tuple(classes), list(records)))
     scores = {}
     for key in paths:
@@ -228,10 +233,10 @@ def sensitivity(fp32_path: Path, int8_path: Path, feeds: Sequence[dict[str, np.n
     """Per layer group: output drift vs FP32 with that group alone in float, most helpful group first."""
     fp32, int8 = onnx.load(str(fp32_path)), onnx.load(str(int8_path))
     names = probe_tensors(fp32)
-    reference = _run_all(ort_session_bytes(_with_outputs(fp32, names)), feeds)
+    reference = _run_all(ort_session(_with_outputs(fp32, names)), feeds)
 
     def drift_of(model: onnx.ModelProto) -> float:
-        outs = _run_all(ort_session_bytes(_with_outputs(model, names)), feeds)
+        outs = _run_all(ort_session(_with_outputs(model, names)), feeds)
         return float(np.mean([_drift(r, c, names) for r, c in zip(reference, outs)]))
 
     base = drift_of(int8)
@@ -241,20 +246,6 @@ def sensitivity(fp32_path: Path, int8_path: Path, feeds: Sequence[dict[str, np.n
         table.append({"group": group, "nodes": len(nodes), "drift_all_int8": base, "drift_group_float": drift,
                       "gain": base - drift, "node_names": nodes})
     return sorted(table, key=lambda row: row["gain"], reverse=True)
-
-
-def ort_session_bytes(model: onnx.ModelProto) -> Any:
-    """An ORT CPU session of an in-memory model."""
-    return ort_session_from(model.SerializeToString())
-
-
-def ort_session_from(data: bytes) -> Any:
-    """An ORT CPU session from serialized model bytes."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
 def accuracy_gate(fp32_path: Path, int8: QuantizeResult, requantize: Callable[[list[str]], QuantizeResult],

@@ -2,8 +2,11 @@
 
 Times the detector as applications run it, from decoded uint8 images to detections in image pixels: end-to-end,
 and its pre-processing / inference / post-processing split (mean, p50, p90, p99 in ms), throughput, peak memory,
-and the machine it ran on (on a Jetson also JetPack / L4T, nvpmodel, jetson_clocks and tegrastats power). Prints a
-table and writes the same numbers as JSON (default: under reports/<pipeline>/<target>/).
+and the machine it ran on; on a Jetson beside every figure also JetPack / L4T, TensorRT, nvpmodel mode, jetson_clocks
+state, GPU and EMC clocks, temperatures and power (tegrastats while the figure was measured). When the bundle's
+``bench_engine.sh`` has timed its registered engine with trtexec (engine_timing.json), those engine-only figures
+are shown beside the end-to-end ones, with the device's state while trtexec ran. Prints a table and writes the same
+numbers as JSON (default: under reports/<pipeline>/<target>/).
 """
 from __future__ import annotations
 
@@ -25,7 +28,10 @@ from runtime.cli import add_debug_flag, run_cli
 from runtime.data.images import write_bytes_atomic
 from runtime.detector import Detector, StageTimes, add_detector_args, default_report_path, detector_from_args
 from runtime.errors import UserError
-from runtime.machine import UNAVAILABLE, TegrastatsSampler, gpu_memory_used_mib, machine_facts
+from runtime.engine_record import CONDITIONS_LOG, TEGRASTATS_LOG, TIMING_NAME
+from runtime.machine import (UNAVAILABLE, TegrastatsSampler, gpu_memory_used_mib, jetson_clocks_show, machine_facts,
+                             nvpmodel_mode, summarize_tegrastats)
+from runtime.manifest import Bundle
 from runtime.preprocess import read_image
 
 STAGES = ("end_to_end", "preprocess", "infer", "postprocess")
@@ -88,6 +94,51 @@ def run_benchmark(detector: Detector, images: list[np.ndarray], warmup: int, ite
     }
 
 
+def engine_only_figures(bundle: Bundle) -> dict[str, Any] | None:
+    """bench_engine.sh's trtexec figures of the registered engine (engine_timing.json) with the device's state while
+    they were measured; None when the engine was never timed, a note when the timing is of another engine."""
+    path = bundle.root / TIMING_NAME
+    if bundle.engine is None or not path.is_file():
+        return None
+    try:
+        timing = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {"stale": True, "note": f"{TIMING_NAME} is unreadable: run ./bench_engine.sh again"}
+    if timing.get("engine_sha256") != bundle.engine.engine.sha256:
+        return {"stale": True, "note": f"{TIMING_NAME} times another engine: run ./bench_engine.sh again"}
+    conditions: dict[str, Any] = {}
+    captured = bundle.root / CONDITIONS_LOG
+    if captured.is_file():
+        text = captured.read_text(encoding="utf-8", errors="replace")
+        clocks = jetson_clocks_show(text)
+        conditions.update(nvpmodel=nvpmodel_mode(text),
+                          jetson_clocks=clocks["state"] if isinstance(clocks, dict) else UNAVAILABLE,
+                          clocks=clocks)
+    sampled = bundle.root / TEGRASTATS_LOG
+    if sampled.is_file():
+        conditions["during"] = summarize_tegrastats(sampled.read_text(encoding="utf-8", errors="replace").splitlines())
+    return {**timing, "conditions": conditions or UNAVAILABLE}
+
+
+def device_line(machine: dict[str, Any], during: dict[str, Any] | str, captured: dict[str, Any] | None = None) -> str:
+    """One line of the state a figure was measured in: JetPack / L4T, TensorRT, power mode and clock state (as
+    ``captured`` then, else now), GPU / EMC clocks, temperature and power (what tegrastats saw during it)."""
+    jet = {**machine["jetson"], **{k: v for k, v in (captured or {}).items() if k in ("nvpmodel", "jetson_clocks")}}
+    parts = [f"JetPack {jet['jetpack']} (L4T {jet['l4t']})", f"TensorRT {machine['versions']['tensorrt']}",
+             f"nvpmodel {jet['nvpmodel']}", f"jetson_clocks {jet['jetson_clocks']}"]
+    if isinstance(during, dict):
+        for key, label in (("gpu_mhz", "GPU"), ("emc_mhz", "EMC")):
+            if isinstance(during.get(key), dict):
+                parts.append(f"{label} {during[key]['mean']:.0f} MHz")
+        temps = during.get("temperature_max_c")
+        if isinstance(temps, dict) and temps:
+            hottest = max(temps, key=temps.get)
+            parts.append(f"max {hottest} {temps[hottest]:.1f} C")
+        if during.get("total_input_mw") not in (None, UNAVAILABLE):
+            parts.append(f"input power {during['total_input_mw']:.0f} mW")
+    return ", ".join(parts)
+
+
 def process_mib(nbytes: int) -> float:
     """Bytes as MiB, one decimal."""
     return round(nbytes / 2**20, 1)
@@ -108,8 +159,21 @@ def print_report(report: dict[str, Any]) -> None:
         stats = res["latency_ms"][stage]
         cells = (f"{stats[k]:.2f}" for k in ("mean", "p50", "p90", "p99", "min", "max"))
         table.add_row(stage.replace("_", "-"), *cells)
+    engine = report.get("engine_only")
+    if engine and not engine.get("stale"):
+        for key, label in (("gpu_compute_ms", "engine only: GPU compute"), ("latency_ms", "engine only: latency")):
+            stats = engine[key]
+            table.add_row(f"{label} (trtexec)", *(f"{stats[k]:.2f}" for k in ("mean", "median", "p90", "p99", "min",
+                                                                              "max")))
     console = Console()
     console.print(table)
+    if engine and engine.get("stale"):
+        console.print(f"engine-only figures: {engine['note']}", markup=False)
+    elif engine:
+        conditions = engine["conditions"] if isinstance(engine["conditions"], dict) else {}
+        then = device_line(report["machine"], conditions.get("during", UNAVAILABLE), conditions)
+        console.print(f"engine-only rows: trtexec {' '.join(engine['command'][1:])} ({engine['inferences']} "
+                      f"inferences, {engine['measured_at']}); device then: {then}", markup=False, soft_wrap=True)
     machine = report["machine"]
     power = res["power"]
     console.print(
@@ -121,6 +185,8 @@ def print_report(report: dict[str, Any]) -> None:
         f"{det['runner'].get('intra_op_threads', UNAVAILABLE)}; onnxruntime {machine['versions']['onnxruntime']}, "
         f"TensorRT {machine['versions']['tensorrt']}; L4T {machine['jetson']['l4t']}, nvpmodel "
         f"{machine['jetson']['nvpmodel']}, jetson_clocks {machine['jetson']['jetson_clocks']}")
+    if machine["jetson"]["l4t"] != UNAVAILABLE:
+        console.print(f"end-to-end rows measured with: {device_line(machine, power)}", markup=False, soft_wrap=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -143,6 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         images = bench_images(detector, args.image, args.batch)
         results = run_benchmark(detector, images, args.warmup, args.iters)
         info = detector.describe()
+        # trtexec's figures are of the engine: shown only beside a run of that engine
+        engine_only = engine_only_figures(detector.bundle) if detector.choice.backend == "trt" else None
     report = {
         "bundle": str(args.bundle),
         "date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
@@ -152,6 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "detector": info,
         "results": results,
         "machine": machine_facts(),
+        "engine_only": engine_only,
     }
     path = args.json or default_report_path(detector, f"bench_b{args.batch}")
     write_bytes_atomic(path, (json.dumps(report, indent=2) + "\n").encode())

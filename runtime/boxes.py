@@ -32,11 +32,11 @@ def box_area(boxes: np.ndarray) -> np.ndarray:
 
 
 def clip_boxes(boxes: np.ndarray, width: float, height: float) -> np.ndarray:
-    """Clip xyxy boxes to the image [0, width] x [0, height]."""
-    b = _as_boxes(boxes).copy()
-    b[:, 0::2] = np.clip(b[:, 0::2], 0, width)
-    b[:, 1::2] = np.clip(b[:, 1::2], 0, height)
-    return b
+    """Clip xyxy boxes (N, 4) to the image [0, width] x [0, height] (a new array); float32 boxes stay float32 (the
+    runtime's detections), anything else becomes float64. The one box clipping of runtime/."""
+    b = np.asarray(boxes)
+    b = b.reshape(-1, 4).astype(np.float32 if b.dtype == np.float32 else np.float64)
+    return np.clip(b, 0, np.array([width, height, width, height], b.dtype))
 
 
 def valid_boxes(boxes: np.ndarray, min_size: float = 0.0) -> np.ndarray:

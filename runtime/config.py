@@ -228,7 +228,9 @@ class DeployConfig(Strict):
     dynamic_batch: bool = False
     fidelity_atol: float = Field(1e-3, gt=0)
     fidelity_rtol: float = Field(1e-3, ge=0)
-    ap50_drop_limit: float = Field(1.0, ge=0)
+    # AP50 points INT8 may lose against FP32 on the test split. A negative limit demands that INT8 beat FP32 by that
+    # much, which no honest model does: `--set deploy.ap50_drop_limit=-1` drives the gate's failure path on purpose.
+    ap50_drop_limit: float = Field(1.0, ge=-100)
     sensitivity_groups: int = Field(8, ge=1)
     eval_images: int | None = Field(None, gt=0)
 
@@ -287,6 +289,10 @@ class TargetConfig(Strict):
     dla_core: int | None = Field(None, ge=0)
     trt_major: int | None = Field(None, ge=8)
     quantizer: Literal["ort-u8s8", "modelopt", "ort-symmetric"] = "modelopt"
+    # Where the engine runs: deploy.build builds it on the host only when the host is this platform (or --engine build).
+    platform: Literal["jetson", "x86-cuda"] | None = None
+    version_compatible: bool = False  # trtexec --versionCompatible: runs on newer TensorRT of the same major
+    hardware_compatibility: Literal["none", "ampere+"] = "none"  # trtexec --hardwareCompatibilityLevel (not Jetson)
 
 
 class ProjectConfig(Strict):

@@ -18,8 +18,8 @@ import numpy as np
 from runtime.backends.select import BACKENDS, PRECISIONS, BackendChoice, select_backend
 from runtime.errors import UserError
 from runtime.manifest import Bundle, load_bundle
-from runtime.postprocess import Detections, build_postprocess
-from runtime.preprocess import preprocess_batch, read_image
+from runtime.postprocess import Detections, PostprocessSpec, build_postprocess
+from runtime.preprocess import PreprocessSpec, preprocess_batch, read_image
 
 
 @dataclass
@@ -47,24 +47,39 @@ class Detector:
     def __init__(self, bundle: Bundle | str | Path, backend: str = "auto", precision: str = "auto",
                  threads: int | None = None, score_thresh: float | None = None, batch_size: int = 8,
                  verify: bool = True):
-        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify=verify)
+        self.bundle: Bundle | None = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify=verify)
         manifest = self.bundle.manifest
-        post_spec = manifest.postprocess
+        self._configure(manifest.preprocess, manifest.postprocess, manifest.classes, manifest.input.name,
+                        score_thresh, batch_size)
+        self.choice: BackendChoice = select_backend(self.bundle, backend, precision, threads)
+        self.runner = self.choice.runner
+
+    @classmethod
+    def from_runner(cls, choice: BackendChoice, preprocess: PreprocessSpec, postprocess: PostprocessSpec,
+                    classes: Sequence[str], input_name: str = "images", batch_size: int = 1) -> Detector:
+        """A detector over a runner chosen by the caller, without a bundle on disk (deploy's accuracy gate scores
+        the models it is about to ship with the very loop the runtime runs)."""
+        self = cls.__new__(cls)
+        self.bundle = None
+        self._configure(preprocess, postprocess, tuple(classes), input_name, None, batch_size)
+        self.choice, self.runner = choice, choice.runner
+        return self
+
+    def _configure(self, pre_spec: PreprocessSpec, post_spec: PostprocessSpec, classes: Sequence[str],
+                   input_name: str, score_thresh: float | None, batch_size: int) -> None:
         if score_thresh is not None:
             if not 0 <= score_thresh < 1:
                 raise UserError(f"score threshold must be in [0, 1), got {score_thresh}", "--score-thresh")
             post_spec = post_spec.model_copy(update={"score_thresh": float(score_thresh)})
         self.post_spec = post_spec
         self.postprocess = build_postprocess(post_spec)
-        self.pre_spec = manifest.preprocess
-        self.classes: tuple[str, ...] = manifest.classes
-        self.input_name = manifest.input.name
+        self.pre_spec = pre_spec
+        self.classes: tuple[str, ...] = tuple(classes)
+        self.input_name = input_name
         self.input_size: tuple[int, int] = tuple(self.pre_spec.input_size)  # type: ignore[assignment]
         self.nms_iou = post_spec.nms_iou
         self.max_detections = post_spec.max_detections
         self.batch_size = max(1, int(batch_size))
-        self.choice: BackendChoice = select_backend(self.bundle, backend, precision, threads)
-        self.runner = self.choice.runner
         self.last_times = StageTimes()  # of the last detect() call
         self.cumulative_times = StageTimes()  # of every call since construction (tiling makes several per scene)
 
@@ -158,12 +173,13 @@ class Detector:
     def describe(self) -> dict[str, Any]:
         """Backend, model file, precision and thresholds, for reports."""
         info = self.runner.describe()
+        manifest = self.bundle.manifest if self.bundle is not None else None
         return {"backend": self.choice.backend, "model_file": self.choice.model_path.name,
                 "precision": self.choice.precision, "why": self.choice.reason, "runner": info,
                 "input_size": list(self.input_size), "score_thresh": self.post_spec.score_thresh,
                 "nms_iou": self.nms_iou, "max_detections": self.max_detections,
-                "pipeline": self.bundle.manifest.pipeline, "target": self.bundle.manifest.target,
-                "model_role": self.bundle.manifest.model_role}
+                "pipeline": manifest.pipeline if manifest else None, "target": manifest.target if manifest else None,
+                "model_role": manifest.model_role if manifest else None}
 
 
 def default_report_path(detector: Detector, stem: str) -> Path:

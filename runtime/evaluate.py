@@ -25,7 +25,7 @@ from runtime.manifest import Manifest
 from runtime.metrics import EvalResult, evaluate_detections
 from runtime.preprocess import read_image
 from runtime.records import DetectionSet
-from runtime.tiling import tiled_detect
+from runtime.tiling import TILE_BATCH, tiled_detect
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def detect_dataset(detector: Detector, dataset: DetectionSet, batch: int, tile: 
             chunk = records[start:start + batch]
             images = [read_image(r.path) for r in chunk]
             if tile:
-                dets = [tiled_detect(detector, image, batch_size=max(batch, 4)) for image in images]
+                dets = [tiled_detect(detector, image, batch_size=max(batch, TILE_BATCH)) for image in images]
             else:
                 dets = detector.detect(images)
             for offset, d in enumerate(dets):
@@ -133,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.limit is not None and args.limit < 1:
         raise UserError(f"must be at least 1, got {args.limit}", "--limit")
 
+    if args.tile:
+        args.batch = max(args.batch, TILE_BATCH)  # tiles reach the backend in the tiler's batches
     with detector_from_args(args) as detector:
         manifest = detector.bundle.manifest
         choice = resolve_dataset(manifest, args.dataset, args.format, args.split, args.config)

@@ -17,7 +17,7 @@ from runtime.draw import draw_detections, save_png
 from runtime.errors import UserError
 from runtime.postprocess import Detections
 from runtime.preprocess import read_image
-from runtime.tiling import tiled_detect
+from runtime.tiling import TILE_BATCH, tiled_detect
 
 
 def collect_images(items: Sequence[Path]) -> list[Path]:
@@ -45,7 +45,7 @@ def png_names(paths: Sequence[Path]) -> list[str]:
 def _detect_one(detector: Detector, image, args: argparse.Namespace) -> Detections:
     if args.tile:
         return tiled_detect(detector, image, tile=args.tile_size, overlap=args.overlap,
-                            batch_size=max(args.batch, 4))
+                            batch_size=max(args.batch, TILE_BATCH))
     return detector.detect([image])[0]
 
 
@@ -66,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.tile_size is not None and args.tile_size < 1:
         raise UserError(f"must be positive, got {args.tile_size}", "--tile-size")
     paths = collect_images(args.images)
+    if args.tile:
+        args.batch = max(args.batch, TILE_BATCH)  # tiles reach the backend in the tiler's batches
 
     from rich.console import Console
     from rich.progress import track

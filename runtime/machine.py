@@ -113,10 +113,22 @@ def gpu_memory_used_mib(pid: int | None = None) -> float | str:
 
 # -- Jetson ------------------------------------------------------------------------------------------------------
 
-def l4t_release(path: Path = TEGRA_RELEASE) -> str:
+# JetPack release of each L4T release (NVIDIA's JetPack archive), for devices without the nvidia-jetpack package.
+L4T_JETPACK = {"R35.2.1": "5.1", "R35.3.1": "5.1.1", "R35.4.1": "5.1.2", "R35.5.0": "5.1.3", "R35.6.0": "5.1.4",
+               "R36.3.0": "6.0", "R36.4.0": "6.1", "R36.4.3": "6.2"}
+THERMAL_ROOT = Path("/sys/class/thermal")
+DEVFREQ_ROOT = Path("/sys/class/devfreq")
+
+
+def is_jetson() -> bool:
+    """True on an L4T system (the release file JetPack installs exists)."""
+    return TEGRA_RELEASE.exists()
+
+
+def l4t_release(path: Path | None = None) -> str:
     """L4T release like 'R36.3.0' from /etc/nv_tegra_release, or "unavailable"."""
     try:
-        text = path.read_text()
+        text = (path or TEGRA_RELEASE).read_text()
     except OSError:
         return UNAVAILABLE
     match = re.search(r"R(\d+)\s*\(release\),\s*REVISION:\s*([\d.]+)", text)
@@ -124,14 +136,17 @@ def l4t_release(path: Path = TEGRA_RELEASE) -> str:
 
 
 def jetpack_version() -> str:
-    """JetPack version from the nvidia-jetpack package, or "unavailable"."""
+    """JetPack version from the nvidia-jetpack package, else from the L4T release (said so), else "unavailable"."""
     out = _run(["dpkg-query", "--showformat=${Version}", "--show", "nvidia-jetpack"])
-    return out.strip() if out and out.strip() else UNAVAILABLE
+    if out and out.strip():
+        return out.strip()
+    l4t = l4t_release()
+    return f"{L4T_JETPACK[l4t]} (from L4T {l4t})" if l4t in L4T_JETPACK else UNAVAILABLE
 
 
-def nvpmodel_mode() -> str:
-    """Power mode from ``nvpmodel -q`` (e.g. 'MAXN (mode 0)'), or "unavailable"."""
-    out = _run(["nvpmodel", "-q"])
+def nvpmodel_mode(out: str | None = None) -> str:
+    """Power mode from ``nvpmodel -q`` (run now, or its captured ``out``), e.g. 'MAXN (mode 0)', or "unavailable"."""
+    out = _run(["nvpmodel", "-q"]) if out is None else out
     if not out:
         return UNAVAILABLE
     match = re.search(r"NV Power Mode:\s*(\S+)", out)
@@ -141,15 +156,56 @@ def nvpmodel_mode() -> str:
     return f"{match.group(1)} (mode {number})" if number is not None else match.group(1)
 
 
-def jetson_clocks_state() -> str:
-    """'on' when ``jetson_clocks --show`` reports every CPU's minimum clock at its maximum, else 'off'."""
-    out = _run(["jetson_clocks", "--show"])
+_CLOCK = r"MinFreq=(\d+) MaxFreq=(\d+) CurrentFreq=(\d+)"
+
+
+def jetson_clocks_show(out: str | None = None) -> dict[str, Any] | str:
+    """``jetson_clocks --show`` (run now, needs root; or its captured ``out``): state 'on' when every CPU and the GPU
+    run at a fixed clock (MinFreq = MaxFreq, what ``jetson_clocks`` sets), GPU and EMC clocks in MHz; "unavailable"
+    when unreadable."""
+    out = _run(["jetson_clocks", "--show"]) if out is None else out
     if not out:
         return UNAVAILABLE
-    cpus = re.findall(r"cpu\d+:.*?MinFreq=(\d+)\s+MaxFreq=(\d+)", out)
-    if not cpus:
+    cpus = re.findall(rf"cpu\d+:.*?{_CLOCK}", out)
+    gpu = re.search(rf"(?:^|\n)\s*(?:GPU|gpu-gpc-\d+) {_CLOCK}", out)
+    emc = re.search(rf"EMC {_CLOCK}", out)
+    if not cpus and not gpu:
         return UNAVAILABLE
-    return "on" if all(lo == hi for lo, hi in cpus) else "off"
+    locked = [lo == hi for lo, hi, _ in cpus] + ([gpu.group(1) == gpu.group(2)] if gpu else [])
+
+    def mhz(match: re.Match[str]) -> dict[str, float]:
+        return {k: int(match.group(i)) / 1e6 for i, k in enumerate(("min", "max", "current"), start=1)}
+
+    return {"state": "on" if all(locked) else "off", "gpu_mhz": mhz(gpu) if gpu else UNAVAILABLE,
+            "emc_mhz": mhz(emc) if emc else UNAVAILABLE}
+
+
+def jetson_clocks_state() -> str:
+    """'on' / 'off' from ``jetson_clocks --show`` (see :func:`jetson_clocks_show`), or "unavailable"."""
+    shown = jetson_clocks_show()
+    return shown["state"] if isinstance(shown, dict) else UNAVAILABLE
+
+
+def gpu_clock_mhz() -> float | str:
+    """Current GPU clock from devfreq (no root needed; Jetson GPUs are devfreq devices), or "unavailable"."""
+    for node in sorted(DEVFREQ_ROOT.glob("*")):
+        if "gpu" in node.name or "ga10b" in node.name or "gv11b" in node.name:
+            try:
+                return int((node / "cur_freq").read_text().strip()) / 1e6
+            except (OSError, ValueError):
+                continue
+    return UNAVAILABLE
+
+
+def thermal_zones() -> dict[str, float] | str:
+    """Temperature per thermal zone in deg C (sysfs, millidegrees), or "unavailable"."""
+    temps = {}
+    for zone in sorted(THERMAL_ROOT.glob("thermal_zone*")):
+        try:
+            temps[(zone / "type").read_text().strip()] = int((zone / "temp").read_text().strip()) / 1000
+        except (OSError, ValueError):
+            continue
+    return temps or UNAVAILABLE
 
 
 def device_model() -> str:
@@ -166,14 +222,59 @@ def parse_tegrastats_power(line: str) -> dict[str, float]:
     return {name: float(now) for name, now in re.findall(rail, line)}
 
 
+def parse_tegrastats(line: str) -> dict[str, Any]:
+    """One tegrastats line: power per rail (mW), GPU (GR3D) and EMC load % and clock MHz, temperatures (deg C).
+
+    Orin prints 'EMC_FREQ 3%@2133 GR3D_FREQ 0%@[305]' (one clock per GPC in brackets), older Jetsons
+    'GR3D_FREQ 0%@76'; temperatures as 'tj@47.5C'. Fields a line lacks are absent.
+    """
+    found: dict[str, Any] = {"power_mw": parse_tegrastats_power(line)}
+    for key, name in (("gpu", "GR3D_FREQ"), ("emc", "EMC_FREQ")):
+        match = re.search(rf"\b{name} (\d+)%(?:@\[?(\d+)(?:,\d+)*\]?)?", line)
+        if match:
+            found[f"{key}_load_pct"] = float(match.group(1))
+            if match.group(2):
+                found[f"{key}_mhz"] = float(match.group(2))
+    temps = {name: float(value) for name, value in re.findall(r"\b([A-Za-z][\w]*)@(-?\d+(?:\.\d+)?)C\b", line)}
+    if temps:
+        found["temperature_c"] = temps
+    return found
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"mean": round(sum(values) / len(values), 1), "min": min(values), "max": max(values)}
+
+
+def summarize_tegrastats(lines: Any, interval_ms: int | None = None) -> dict[str, Any] | str:
+    """Mean mW per rail, GPU/EMC clock and load (mean/min/max), hottest reading per sensor and the sample count of
+    tegrastats output lines; "unavailable" when none parses."""
+    samples = [s for s in map(parse_tegrastats, lines) if s["power_mw"] or len(s) > 1]
+    if not samples:
+        return UNAVAILABLE
+    powers = [s["power_mw"] for s in samples if s["power_mw"]]
+    rails = sorted({k for p in powers for k in p})
+    mean = {r: round(sum(p.get(r, 0.0) for p in powers) / len(powers), 1) for r in rails}
+    out: dict[str, Any] = {
+        "mean_mw": mean, "total_input_mw": next((mean[r] for r in ("VDD_IN", "POM_5V_IN") if r in mean), UNAVAILABLE),
+        "samples": len(samples), "interval_ms": interval_ms if interval_ms is not None else UNAVAILABLE}
+    for key in ("gpu_mhz", "gpu_load_pct", "emc_mhz", "emc_load_pct"):
+        values = [s[key] for s in samples if key in s]
+        out[key] = _spread(values) if values else UNAVAILABLE
+    sensors = sorted({k for s in samples for k in s.get("temperature_c", {})})
+    out["temperature_max_c"] = {k: max(s["temperature_c"][k] for s in samples if k in s.get("temperature_c", {}))
+                                for k in sensors} or UNAVAILABLE
+    return out
+
+
 class TegrastatsSampler:
-    """Runs ``tegrastats`` while a measurement runs and averages the power of each rail; inert off a Jetson."""
+    """Runs ``tegrastats`` while a measurement runs: power per rail, GPU/EMC clocks and load, temperatures; inert
+    off a Jetson."""
 
     def __init__(self, interval_ms: int = 100):
         self.interval_ms = interval_ms
         self._proc: subprocess.Popen[str] | None = None
         self._thread: threading.Thread | None = None
-        self._samples: list[dict[str, float]] = []
+        self._lines: list[str] = []
 
     def __enter__(self) -> TegrastatsSampler:
         if shutil.which("tegrastats"):
@@ -190,9 +291,7 @@ class TegrastatsSampler:
     def _read(self) -> None:
         assert self._proc is not None and self._proc.stdout is not None
         for line in self._proc.stdout:
-            rails = parse_tegrastats_power(line)
-            if rails:
-                self._samples.append(rails)
+            self._lines.append(line)
 
     def __exit__(self, *exc_info: Any) -> None:
         if self._proc is not None:
@@ -205,18 +304,13 @@ class TegrastatsSampler:
             self._thread.join(timeout=2)
 
     def summary(self) -> dict[str, Any] | str:
-        """Mean mW per rail and the sample count, or "unavailable" when nothing was sampled."""
-        if not self._samples:
-            return UNAVAILABLE
-        rails = sorted({k for s in self._samples for k in s})
-        mean = {r: round(sum(s.get(r, 0.0) for s in self._samples) / len(self._samples), 1) for r in rails}
-        total = next((mean[r] for r in ("VDD_IN", "POM_5V_IN") if r in mean), UNAVAILABLE)
-        return {"mean_mw": mean, "total_input_mw": total, "samples": len(self._samples)}
+        """:func:`summarize_tegrastats` of what was sampled ("unavailable" off a Jetson)."""
+        return summarize_tegrastats(self._lines, self.interval_ms)
 
 
 def machine_facts() -> dict[str, Any]:
     """Everything known about this machine and the inference libraries, JSON-ready."""
-    is_jetson = TEGRA_RELEASE.exists()
+    jetson = is_jetson()
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else UNAVAILABLE
     return {
         "hostname": platform.node() or UNAVAILABLE,
@@ -238,11 +332,25 @@ def machine_facts() -> dict[str, Any]:
         },
         "onnxruntime_providers": onnxruntime_providers(),
         "gpu": gpu_info(),
-        "jetson": {
-            "device_model": device_model() if is_jetson else UNAVAILABLE,
-            "l4t": l4t_release(),
-            "jetpack": jetpack_version() if is_jetson else UNAVAILABLE,
-            "nvpmodel": nvpmodel_mode(),
-            "jetson_clocks": jetson_clocks_state(),
-        },
+        "jetson": jetson_facts() if jetson else dict.fromkeys(JETSON_FACTS, UNAVAILABLE),
+    }
+
+
+JETSON_FACTS = ("device_model", "l4t", "jetpack", "nvpmodel", "jetson_clocks", "gpu_mhz", "emc_mhz", "temperature_c")
+
+
+def jetson_facts() -> dict[str, Any]:
+    """JetPack / L4T, power mode, clock state and clocks, temperatures of this Jetson, read now."""
+    clocks = jetson_clocks_show()
+    shown = clocks if isinstance(clocks, dict) else {}
+    return {
+        "device_model": device_model(),
+        "l4t": l4t_release(),
+        "jetpack": jetpack_version(),
+        "nvpmodel": nvpmodel_mode(),
+        "jetson_clocks": shown.get("state", UNAVAILABLE),
+        # jetson_clocks --show needs root; devfreq gives the GPU's current clock without it
+        "gpu_mhz": shown["gpu_mhz"] if shown.get("gpu_mhz", UNAVAILABLE) != UNAVAILABLE else gpu_clock_mhz(),
+        "emc_mhz": shown.get("emc_mhz", UNAVAILABLE),
+        "temperature_c": thermal_zones(),
     }

@@ -17,6 +17,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from runtime.anchors import AnchorSpec, generate_anchors
+from runtime.boxes import clip_boxes
 from runtime.errors import UserError
 from runtime.nms import batched_nms
 
@@ -86,12 +87,6 @@ def decode_boxes(rel_codes: np.ndarray, anchors: np.ndarray, weights: tuple[floa
     return np.stack([pred_ctr_x - half_w, pred_ctr_y - half_h, pred_ctr_x + half_w, pred_ctr_y + half_h], axis=1)
 
 
-def clip_boxes(boxes: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
-    """Clip xyxy boxes to a (height, width) image."""
-    height, width = image_size
-    return np.clip(boxes, 0, np.array([width, height, width, height], boxes.dtype))
-
-
 def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k highest scores, highest first (argpartition first: candidate counts can be large)."""
     if scores.size > 2 * k:
@@ -142,7 +137,7 @@ class RetinaNetPostprocess:
             idx, scores = idx[top], scores[top]
             anchor_idx = start + idx // num_classes
             boxes = decode_boxes(bbox_regression[anchor_idx], anchors[anchor_idx], spec.box_coder_weights)
-            all_boxes.append(clip_boxes(boxes, image_size))
+            all_boxes.append(clip_boxes(boxes, image_size[1], image_size[0]))
             all_scores.append(scores)
             all_labels.append(idx % num_classes)
             start = stop
@@ -169,7 +164,7 @@ class DetectionsPostprocess:
     def __call__(self, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
                  image_size: tuple[int, int]) -> Detections:
         """Filter one image's detections (boxes (N, 4) xyxy in input pixels)."""
-        boxes = clip_boxes(np.asarray(boxes, np.float32).reshape(-1, 4), image_size)
+        boxes = clip_boxes(np.asarray(boxes, np.float32), image_size[1], image_size[0])
         scores = np.asarray(scores, np.float32).reshape(-1)
         labels = np.asarray(labels, np.int64).reshape(-1) - self.spec.label_offset
         valid = np.flatnonzero((scores > self.spec.score_thresh) & (labels >= 0) & (labels < self.spec.num_classes))

@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from runtime.boxes import clip_boxes
 from runtime.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -68,7 +69,7 @@ class Transform:
         scale = np.array([self.scale_x, self.scale_y] * 2, np.float32)
         out = (boxes - pad) / scale
         height, width = self.orig_size
-        return np.clip(out, 0, np.array([width, height] * 2, np.float32))
+        return clip_boxes(out, width, height)
 
     def boxes_to_input(self, boxes: np.ndarray) -> np.ndarray:
         """Map xyxy boxes (N, 4) from original-image pixels to network-input pixels (e.g. training targets)."""

@@ -17,10 +17,13 @@ from typing import Protocol
 
 import numpy as np
 
+from runtime.boxes import clip_boxes
 from runtime.nms import batched_nms
 from runtime.postprocess import Detections
 
 Box = tuple[int, int, int, int]
+# Tiles per detector call. TensorRT engines with a dynamic batch axis are tuned for it (their profile's opt batch).
+TILE_BATCH = 4
 
 
 class TileDetector(Protocol):
@@ -78,14 +81,13 @@ def crop_tile(image: np.ndarray, box: Box, tile: int | Sequence[int], pad_value:
 def to_image_coordinates(dets: Detections, box: Box) -> Detections:
     """Shift one tile's detections by the tile offset, clipped to the tile's real (unpadded) extent."""
     x0, y0, x1, y1 = box
-    boxes = np.clip(dets.boxes, 0, np.array([x1 - x0, y1 - y0] * 2, np.float32))
-    boxes = boxes + np.array([x0, y0, x0, y0], np.float32)
+    boxes = clip_boxes(np.asarray(dets.boxes, np.float32), x1 - x0, y1 - y0) + np.array([x0, y0, x0, y0], np.float32)
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # boxes wholly in the padding vanish
     return Detections(boxes[keep].astype(np.float32), dets.scores[keep], dets.labels[keep])
 
 
 def detect_tiles(detector: TileDetector, image: np.ndarray, grid: Sequence[Box], tile: int | Sequence[int],
-                 batch_size: int = 8) -> list[Detections]:
+                 batch_size: int = TILE_BATCH) -> list[Detections]:
     """Each tile's detections in image coordinates (before merging), tiles run in batches of ``batch_size``."""
     out: list[Detections] = []
     for start in range(0, len(grid), max(1, batch_size)):
@@ -144,7 +146,7 @@ def default_tile(detector: TileDetector) -> tuple[int, int]:
 
 
 def tiled_detect(detector: TileDetector, image: np.ndarray, tile: int | Sequence[int] | None = None,
-                 overlap: int | None = None, batch_size: int = 8, max_detections: int | None = None,
+                 overlap: int | None = None, batch_size: int = TILE_BATCH, max_detections: int | None = None,
                  seam_margin: float | None = 2.0) -> Detections:
     """Detect on a large uint8 RGB image tile by tile; boxes in image pixels, merged across tiles.
 

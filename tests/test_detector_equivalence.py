@@ -16,8 +16,8 @@ import torch
 
 from runtime.anchors import AnchorSpec
 from runtime.detector import Detector
-from runtime.manifest import (EngineInfo, InputInfo, Manifest, OutputInfo, TensorRTInfo, describe_file,
-                              write_manifest)
+from runtime.atomic import write_json_atomic
+from runtime.manifest import InputInfo, Manifest, OutputInfo, TensorRTInfo, describe_file, file_sha256, write_manifest
 from runtime.postprocess import Detections, PostprocessSpec
 from runtime.preprocess import PreprocessSpec, read_image, resize_image, to_training_array
 
@@ -62,7 +62,8 @@ def make_tiny_bundle(out_dir: Path, size: int = 128, seed: int = 0, dynamic_batc
                      pipeline: str = "tiny"):
     """Export a tiny RetinaNet to ``out_dir`` as a bundle (model_fp32.onnx + manifest.json); returns the model.
 
-    ``engine=True`` also lists a (fake) TensorRT engine file, for the tests of the TensorRT path; ``int8_copy``
+    ``engine=True`` also registers a (fake) TensorRT engine file in engine.json (built on 'Orin', compute capability
+    8.7, TensorRT 10.3.0.30), for the tests of the TensorRT path; ``int8_copy``
     lists a copy of the FP32 model as the INT8 one, for the tests of model selection.
     """
     out_dir = Path(out_dir)
@@ -80,12 +81,13 @@ def make_tiny_bundle(out_dir: Path, size: int = 128, seed: int = 0, dynamic_batc
     if int8_copy:
         (out_dir / "model_int8.onnx").write_bytes((out_dir / "model_fp32.onnx").read_bytes())
         files["model_int8.onnx"] = describe_file(out_dir, "model_int8.onnx", "onnx-int8", "int8")
-    trt = TensorRTInfo(major_expected=10)
+    trt = TensorRTInfo(major_expected=10, onnx_file="model_fp32.onnx", precision="fp32")
     if engine:
         (out_dir / "model.engine").write_bytes(b"not a real engine")
-        files["model.engine"] = describe_file(out_dir, "model.engine", "engine", "int8")
-        trt = TensorRTInfo(major_expected=10, engine=EngineInfo(file="model.engine", gpu_name="Orin",
-                                                                trt_version="10.3.0.30"))
+        write_json_atomic(out_dir / "engine.json", {
+            "engine": {"file": "model.engine", "sha256": file_sha256(out_dir / "model.engine"), "size": 17},
+            "onnx": {"file": "model_fp32.onnx", "sha256": files["model_fp32.onnx"].sha256},
+            "tensorrt_version": "10.3.0.30", "gpu_name": "Orin", "compute_capability": "8.7", "precision": "fp32"})
     generator = model.anchor_generator
     anchors = AnchorSpec(sizes=tuple(tuple(s) for s in generator.sizes),
                          aspect_ratios=tuple(generator.aspect_ratios[0]))

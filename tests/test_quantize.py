@@ -125,9 +125,7 @@ def test_sensitivity_keeps_groups_in_float_until_the_gate_passes(fp32_path, cali
     assert {"stem", "layer1", "fpn", "cls_tower", "reg_tower"} <= set(groups)
     everything = float_groups(int8, fp32, [n for nodes in groups.values() for n in nodes])
     feed = {"images": next(calib.batches())}
-    from deploy.gate import ort_session_bytes
-
-    np.testing.assert_allclose(ort_session_bytes(everything).run(None, feed)[0],
+    np.testing.assert_allclose(ort_session(everything).run(None, feed)[0],
                                ort_session(fp32_path).run(None, feed)[0], atol=1e-4)
     requantized: list[list[str]] = []
     scores = iter([0.30, 0.50])  # int8 AP50 before / after keeping the most sensitive group in float

@@ -96,7 +96,9 @@ def test_bench_json_has_the_promised_fields(bundle, tmp_path):
     facts = report["machine"]
     assert facts["cpu_model"] and facts["cpu_cores_logical"] >= 1 and facts["onnxruntime_providers"]
     assert set(facts["versions"]) >= {"numpy", "onnxruntime", "tensorrt", "python"}
-    assert set(facts["jetson"]) == {"device_model", "l4t", "jetpack", "nvpmodel", "jetson_clocks"}
+    assert set(facts["jetson"]) == {"device_model", "l4t", "jetpack", "nvpmodel", "jetson_clocks", "gpu_mhz",
+                                    "emc_mhz", "temperature_c"}
+    assert report["engine_only"] is None  # ONNX Runtime ran: no engine-only figures beside it
     assert report["detector"]["backend"] == "ort-cpu" and report["batch"] == 2 and report["iters"] == 3
 
 
