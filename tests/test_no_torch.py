@@ -104,3 +104,14 @@ def test_checker_catches_a_torch_import(tmp_path, monkeypatch):
                    "    return __import__('torch')\n")
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     assert len(_torch_imports(bad)) == 3
+
+
+def test_runtime_parses_as_python_3_10():
+    """JetPack 6 ships Python 3.10 (its TensorRT bindings are built for it): runtime/ must not use newer syntax."""
+    bad = []
+    for path in sorted((ROOT / "runtime").rglob("*.py")):
+        try:
+            ast.parse(path.read_text(encoding="utf-8"), filename=str(path), feature_version=(3, 10))
+        except SyntaxError as exc:
+            bad.append(f"{path.relative_to(ROOT)}:{exc.lineno}: {exc.msg}")
+    assert not bad, bad
