@@ -30,9 +30,10 @@ class ModelSpec(Strict):
     """A detector: architecture, backbone, FPN width, head depth, initialisation and normalisation."""
 
     arch: Literal["retinanet", "faster_rcnn"]
-    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnext101_64x4d"]
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnext101_64x4d", "mobilenet_v3_large"]
     fpn_width: int = Field(256, gt=0)
     head_convs: int = Field(4, ge=1)
+    head: Literal["conv", "separable"] = "conv"  # RetinaNet: full 3x3 head convs, or depthwise-separable (edge)
     pretrained_backbone: bool = False
     norm: Literal["frozen_bn", "bn"] = "frozen_bn"
     roi_fc_width: int = Field(1024, gt=0)  # Faster R-CNN: width of the two shared FCs of the RoI box head

@@ -17,7 +17,7 @@ from torchvision.models.detection import RetinaNet
 from torchvision.ops import generalized_box_iou_loss
 
 from distill.ds2d2.haar import high_frequency
-from distill.models.retinanet import retina_head
+from distill.models.heads import head_type, retina_head
 from distill.models.retinanet import retina_train_step as train_step  # noqa: F401  (the arch-module interface)
 
 NUM_LEVELS = 5  # P3..P7
@@ -55,7 +55,7 @@ def amplifier_model(teacher: RetinaNet, init_from_teacher: bool = True) -> Retin
     if not init_from_teacher:
         cls_head = teacher.head.classification_head
         model.head = retina_head(teacher.backbone.out_channels, cls_head.num_anchors, cls_head.num_classes,
-                                 len(cls_head.conv)).to(next(teacher.parameters()).device)
+                                 len(cls_head.conv), head_type(teacher.head)).to(next(teacher.parameters()).device)
     model.head.requires_grad_(True)
     return model
 

@@ -2,17 +2,15 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
-from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import boxes as box_ops
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
-from torchvision.ops.misc import Conv2dNormActivation
 
-from distill.models.backbones import c5_channels, fpn_features, resnet_fpn
-from runtime.errors import UserError
+from distill.models.backbones import backbone_fpn, c5_channels, fpn_features
+from distill.models.heads import retina_head
 
 STRIDES = (8, 16, 32, 64, 128)
 
@@ -21,20 +19,6 @@ def retina_anchor_generator() -> AnchorGenerator:
     """Anchors of the reference: base size 4x stride, 3 scales per octave, ratios 0.5/1/2, strides 8..128."""
     sizes = tuple(tuple(4 * s * 2 ** (i / 3) for i in range(3)) for s in STRIDES)
     return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
-
-
-def retina_head(width: int, num_anchors: int, num_classes: int, num_convs: int) -> RetinaNetHead:
-    """torchvision's RetinaNetHead with `num_convs` conv+ReLU layers (no norm) in each subnet instead of 4."""
-    if num_convs < 0:
-        raise UserError(f"head_convs must be >= 0, got {num_convs}", where="model.head_convs")
-    head = RetinaNetHead(width, num_anchors, num_classes)
-    for subnet in (head.classification_head, head.regression_head):
-        subnet.conv = nn.Sequential(*(Conv2dNormActivation(width, width, norm_layer=None) for _ in range(num_convs)))
-        for layer in subnet.conv.modules():
-            if isinstance(layer, nn.Conv2d):  # torchvision's (and the reference's) head init
-                nn.init.normal_(layer.weight, std=0.01)
-                nn.init.zeros_(layer.bias)
-    return head
 
 
 def build_retinanet(
@@ -50,7 +34,7 @@ def build_retinanet(
     """RetinaNet from a ModelSpec-like object; images arrive S x S in [0,1], so the transform's resize is a no-op."""
     extra = LastLevelP6P7(c5_channels(spec.backbone), spec.fpn_width)
     extra.use_P5 = False  # always from C5 (reference add_extra_convs='on_input'), even when C5 width == fpn_width
-    backbone = resnet_fpn(
+    backbone = backbone_fpn(
         spec.backbone, spec.fpn_width, pretrained=spec.pretrained_backbone, norm=spec.norm,
         returned_layers=(2, 3, 4), extra_blocks=extra,
     )
@@ -61,7 +45,8 @@ def build_retinanet(
         min_size=input_size,
         max_size=input_size,
         anchor_generator=anchors,
-        head=retina_head(spec.fpn_width, anchors.num_anchors_per_location()[0], num_classes, spec.head_convs),
+        head=retina_head(spec.fpn_width, anchors.num_anchors_per_location()[0], num_classes, spec.head_convs,
+                         getattr(spec, "head", "conv")),
         score_thresh=score_thresh,
         nms_thresh=nms_thresh,
         detections_per_img=detections_per_img,
