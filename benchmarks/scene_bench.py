@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -204,7 +205,8 @@ def run(opts: Any, settings: SceneSettings, out_json: Path | None = None, consol
 
 def print_table(result: dict[str, Any], console: Console | None = None) -> None:
     """Seconds per scene, the stage split and the speed-up over the FP32 teacher."""
-    console = console or Console()
+    # Piped output (| tee log) would get rich's 80-column default and truncate every cell.
+    console = console or Console(width=None if sys.stdout.isatty() else 150)
     m, sc, tl = result["machine"], result["scene"], result["tiling"]
     title = (f"{result['pipeline']}: seconds per {sc['size'][0]} x {sc['size'][1]} px scene, {tl['tiles']} tiles of "
              f"{tl['tile']} px (overlap {tl['overlap']}), {result['target']}")
