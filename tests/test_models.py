@@ -236,6 +236,7 @@ def test_edge_student_exports_matches_pytorch_and_quantizes(tmp_path: Path):
     from deploy.calibration import CalibrationSet, preprocess_spec
     from deploy.export import ExportOnnx, SimplifyOnnx, deploy_network
     from deploy.fidelity import check_fidelity, ort_session
+    from deploy.gate import layer_groups
     from deploy.quantize import QuantizeOnnx, int8_weight_nodes
     from runtime.records import ImageRecord
 
@@ -259,6 +260,8 @@ def test_edge_student_exports_matches_pytorch_and_quantizes(tmp_path: Path):
     int8 = int8_weight_nodes(q)
     assert any("/backbone/body/" in n for n in int8) and any("/head/" in n for n in int8)
     assert not any("cls_logits" in n or "bbox_reg" in n for n in int8)  # both halves of the outputs stay float
+    groups = dict(layer_groups(q, 20))  # the accuracy gate's sensitivity pass sees MobileNet stages, not one blob
+    assert {"stem", "layer1", "layer2", "layer3", "layer4", "fpn", "cls_tower"} <= set(groups) and "other" not in groups
     out = ort_session(result.path).run(None, feeds[0])
     assert out[0].shape == (1, sum(s * s for s in (8, 4, 2, 1, 1)) * 9, 3) and np.isfinite(out[0]).all()
 
