@@ -16,8 +16,6 @@ student features), so a student may use either head whatever its teacher uses; o
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection.retinanet import (
@@ -74,16 +72,17 @@ def _nhwc(out: Tensor, last: int) -> Tensor:
 
 
 class ClassificationHead(RetinaNetClassificationHead):
-    """torchvision's classification subnet with `num_convs` tower layers (full or separable), NHWC reordering."""
+    """torchvision's classification subnet, outputs reordered with one NHWC transpose; `configure` sets its tower."""
 
-    def __init__(self, width: int, num_anchors: int, num_classes: int, num_convs: int, separable: bool,
-                 prior_probability: float = 0.01):
-        super().__init__(width, num_anchors, num_classes, prior_probability)
-        self.conv = _tower(width, num_convs, separable)
+    separable = False
+
+    def configure(self, num_convs: int, separable: bool) -> None:
+        """`num_convs` tower layers (full 3x3 or separable); separable also makes the output layer separable."""
+        self.conv = _tower(self.cls_logits.in_channels, num_convs, separable)
         _init_tower(self.conv, separable)
         if separable:
-            self.cls_logits = _separable_output(width, num_anchors * num_classes,
-                                                -math.log((1 - prior_probability) / prior_probability))
+            prior = self.cls_logits.bias.detach()[0].item()  # torchvision's -log((1 - p) / p), p = 0.01
+            self.cls_logits = _separable_output(self.cls_logits.in_channels, self.cls_logits.out_channels, prior)
         self.separable = separable
 
     def forward(self, x: list[Tensor]) -> Tensor:
@@ -92,14 +91,16 @@ class ClassificationHead(RetinaNetClassificationHead):
 
 
 class RegressionHead(RetinaNetRegressionHead):
-    """torchvision's box subnet with `num_convs` tower layers (full or separable), NHWC reordering."""
+    """torchvision's box subnet, outputs reordered with one NHWC transpose; `configure` sets its tower."""
 
-    def __init__(self, width: int, num_anchors: int, num_convs: int, separable: bool):
-        super().__init__(width, num_anchors)
-        self.conv = _tower(width, num_convs, separable)
+    separable = False
+
+    def configure(self, num_convs: int, separable: bool) -> None:
+        """`num_convs` tower layers (full 3x3 or separable); separable also makes the output layer separable."""
+        self.conv = _tower(self.bbox_reg.in_channels, num_convs, separable)
         _init_tower(self.conv, separable)
         if separable:
-            self.bbox_reg = _separable_output(width, num_anchors * 4, 0.0)
+            self.bbox_reg = _separable_output(self.bbox_reg.in_channels, self.bbox_reg.out_channels, 0.0)
         self.separable = separable
 
     def forward(self, x: list[Tensor]) -> Tensor:
@@ -108,12 +109,18 @@ class RegressionHead(RetinaNetRegressionHead):
 
 
 class RetinaHead(RetinaNetHead):
-    """RetinaNetHead (losses and forward unchanged) made of the two subnets above."""
+    """RetinaNetHead (losses unchanged) made of the two subnets above.
+
+    Built in torchvision's order (both default subnets, then the configured towers, classification first), so a
+    seeded full-conv head gets exactly the weights it got before this module existed.
+    """
 
     def __init__(self, width: int, num_anchors: int, num_classes: int, num_convs: int, separable: bool):
-        nn.Module.__init__(self)  # RetinaNetHead.__init__ only builds the two subnets replaced here
-        self.classification_head = ClassificationHead(width, num_anchors, num_classes, num_convs, separable)
-        self.regression_head = RegressionHead(width, num_anchors, num_convs, separable)
+        nn.Module.__init__(self)  # RetinaNetHead.__init__ only builds the two subnets built here
+        self.classification_head = ClassificationHead(width, num_anchors, num_classes)
+        self.regression_head = RegressionHead(width, num_anchors)
+        for subnet in (self.classification_head, self.regression_head):
+            subnet.configure(num_convs, separable)
 
 
 def retina_head(width: int, num_anchors: int, num_classes: int, num_convs: int, head: str = "conv") -> RetinaNetHead:
