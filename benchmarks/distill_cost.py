@@ -3,7 +3,9 @@ on the same batch, plus DISW build time for 10/100/1000 boxes, vectorised vs the
 
     python -m benchmarks.distill_cost [PIPELINE] [--iters N] [--batch B] [--device cpu|cuda] [--tiny] [--json PATH]
 
-Weights are random (the cost of a step does not depend on them). Prints a table and writes JSON.
+Every figure is the median of --iters (>= 20) timed calls after --warmup untimed ones (benchmarks.timing); ratios
+are ratios of medians. Weights are random (the cost of a step does not depend on them). Prints a table and writes
+JSON.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.timing import Timing, measure
+from benchmarks.timing import DEFAULT_WARMUP, MIN_CALLS, Timing, measure_interleaved
 from benchmarks.workload import NO_DOWNLOAD, TINY_OVERRIDES, Workload, build_workload, optimizer_for, student_task
 from distill.ds2d2.disw import disw_weights, disw_weights_reference
 from distill.models.backbones import fpn_features
@@ -90,34 +92,35 @@ def disw_inputs(num_boxes: int, batch: int, size: int, seed: int = 0) -> list[to
     return out
 
 
-def run_disw(size: int, batch: int, iters: int, device: str) -> list[dict[str, Any]]:
-    """DISW build time on the P3 low-band grid (S/16) for 10/100/1000 boxes per image, vectorised vs per-box loop."""
+def run_disw(size: int, batch: int, iters: int, warmup: int, device: str) -> list[dict[str, Any]]:
+    """DISW build time on the P3 low-band grid (S/16) for 10/100/1000 boxes per image, vectorised vs per-box loop,
+    each the median of `iters` interleaved calls after `warmup`."""
     grid = (size // 16, size // 16)  # Haar LL of P3 (stride 8): the largest grid the explicit stream weights
     rows = []
     for n in DISW_BOXES:
         boxes = [b.to(device) for b in disw_inputs(n, batch, size)]
-        vec = measure(lambda: disw_weights(boxes, grid, (size, size)), iters, 1, device)
-        loop = measure(lambda: disw_weights_reference(boxes, grid, (size, size)), max(1, min(iters, 3)), 1, device)
+        t = measure_interleaved({"vectorised": lambda: disw_weights(boxes, grid, (size, size)),
+                                 "per_box_loop": lambda: disw_weights_reference(boxes, grid, (size, size))},
+                                iters, warmup, device)
         diff = float((disw_weights(boxes, grid, (size, size)) - disw_weights_reference(boxes, grid, (size, size)))
                      .abs().max())
-        rows.append({"boxes_per_image": n, "batch": batch, "grid": list(grid), "vectorised": vec.as_dict(),
-                     "per_box_loop": loop.as_dict(), "speedup": loop.mean_ms / max(vec.mean_ms, 1e-9),
+        rows.append({"boxes_per_image": n, "batch": batch, "grid": list(grid),
+                     "vectorised": t["vectorised"].as_dict(), "per_box_loop": t["per_box_loop"].as_dict(),
+                     "speedup": t["per_box_loop"].median_ms / max(t["vectorised"].median_ms, 1e-9),
                      "max_abs_diff": diff})
     return rows
 
 
 def run(work: Workload, iters: int, warmup: int) -> dict[str, Any]:
-    """All measurements on one workload; returns the JSON-ready result."""
+    """All measurements on one workload, timed side by side in interleaved rounds; returns the JSON-ready result."""
     device, pipe = work.device, work.pipeline
-    steps: dict[str, Timing] = {}
     plain = student_task(work, "none")
-    plain_step = step_fn(plain, optimizer_for(plain, pipe), work)
-    steps["plain student step (no KD)"] = measure(plain_step, iters, warmup, device)
     ds2d2 = student_task(work, "ds2d2")
-    steps["DS2D2 student step"] = measure(step_fn(ds2d2, optimizer_for(ds2d2, pipe), work), iters, warmup, device)
-    for name, fn in loss_term_fns(ds2d2, work).items():
-        steps[name] = measure(fn, iters, warmup, device)
-    base = steps["plain student step (no KD)"].mean_ms
+    fns = {"plain student step (no KD)": step_fn(plain, optimizer_for(plain, pipe), work),
+           "DS2D2 student step": step_fn(ds2d2, optimizer_for(ds2d2, pipe), work)}
+    fns |= loss_term_fns(ds2d2, work)
+    steps: dict[str, Timing] = measure_interleaved(fns, iters, warmup, device)
+    base = steps["plain student step (no KD)"].median_ms
     return {
         "pipeline": pipe.name,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -132,9 +135,10 @@ def run(work: Workload, iters: int, warmup: int) -> dict[str, Any]:
         "student": pipe.student.model_dump(mode="json"),
         "weights": "random (cost does not depend on weights)",
         "loss_weights": pipe.distill.weights.model_dump(mode="json"),
-        "steps": {name: t.as_dict() | {"x_plain_step": t.mean_ms / base} for name, t in steps.items()},
-        "ds2d2_overhead": steps["DS2D2 student step"].mean_ms / base,
-        "disw": run_disw(work.input_size, int(work.images.shape[0]), max(iters, 5), device),
+        "timing": steps["DS2D2 student step"].summary + " each, in interleaved rounds (ratios are ratios of medians)",
+        "steps": {name: t.as_dict() | {"x_plain_step": t.median_ms / base} for name, t in steps.items()},
+        "ds2d2_overhead": steps["DS2D2 student step"].median_ms / base,
+        "disw": run_disw(work.input_size, int(work.images.shape[0]), iters, warmup, device),
     }
 
 
@@ -155,18 +159,19 @@ def print_table(result: dict[str, Any], console: Console | None = None) -> None:
     m = result["machine"]
     title = (f"DS2D2 training cost — {result['pipeline']}, {result['input_size']} px, batch {result['batch']}, "
              f"{result['device']} ({m.get('cpu_model', '?')}, {result['threads']} threads), {result['date']}")
-    table = Table(title=title)
-    for col in ("measurement", "mean ms", "p50 ms", "p99 ms", "x plain step"):
+    table = Table(title=title, caption=result["timing"])
+    for col in ("measurement", "median ms", "mean ms", "p99 ms", "x plain step"):
         table.add_column(col, justify="left" if col == "measurement" else "right")
     for name, t in result["steps"].items():
-        table.add_row(name, *(f"{t[k]:.1f}" for k in ("mean_ms", "p50_ms", "p99_ms")), f"{t['x_plain_step']:.2f}")
+        table.add_row(name, *(f"{t[k]:.1f}" for k in ("median_ms", "mean_ms", "p99_ms")), f"{t['x_plain_step']:.2f}")
     console.print(table)
-    disw = Table(title=f"DISW build on a {result['disw'][0]['grid'][0]}² grid, batch {result['batch']}")
-    for col in ("boxes / image", "vectorised ms", "per-box loop ms", "speed-up", "max |diff|"):
+    disw = Table(title=f"DISW build on a {result['disw'][0]['grid'][0]}² grid, batch {result['batch']}",
+                 caption=result["disw"][0]["vectorised"]["summary"] + " each; speed-up = ratio of medians")
+    for col in ("boxes / image", "vectorised median ms", "per-box loop median ms", "speed-up", "max |diff|"):
         disw.add_column(col, justify="right")
     for row in result["disw"]:
-        disw.add_row(str(row["boxes_per_image"]), f"{row['vectorised']['mean_ms']:.3f}",
-                     f"{row['per_box_loop']['mean_ms']:.3f}", f"{row['speedup']:.1f}x", f"{row['max_abs_diff']:.1e}")
+        disw.add_row(str(row["boxes_per_image"]), f"{row['vectorised']['median_ms']:.3f}",
+                     f"{row['per_box_loop']['median_ms']:.3f}", f"{row['speedup']:.1f}x", f"{row['max_abs_diff']:.1e}")
     console.print(disw)
 
 
@@ -174,8 +179,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.distill_cost", description=__doc__.split("\n\n")[0])
     add_config_args(parser)
-    parser.add_argument("--iters", type=int, default=5, help="timed calls per measurement (default 5)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1)")
+    parser.add_argument("--iters", type=int, default=MIN_CALLS,
+                        help=f"timed calls per measurement, at least {MIN_CALLS}; the median is reported "
+                             f"(default {MIN_CALLS})")
+    parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP,
+                        help=f"untimed calls before each measurement (default {DEFAULT_WARMUP})")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: the student stage's)")
     parser.add_argument("--boxes", type=int, default=8, help="ground-truth boxes per image in the batch (default 8)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -184,8 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="output JSON (default reports/<pipeline>/distill_cost.json)")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
-    if args.iters < 1 or args.warmup < 0:
-        raise UserError("--iters must be >= 1 and --warmup >= 0", where="command line")
+    if args.iters < MIN_CALLS or args.warmup < 0:
+        raise UserError(f"need --iters >= {MIN_CALLS} and --warmup >= 0, got {args.iters} and {args.warmup}",
+                        where="command line", fix=f"every figure is a median of at least {MIN_CALLS} calls")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("CUDA is not available on this machine", where="--device", fix="use --device cpu")
     overrides = NO_DOWNLOAD + (TINY_OVERRIDES if args.tiny else []) + list(args.overrides)

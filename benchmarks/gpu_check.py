@@ -160,12 +160,12 @@ def print_summary(result: dict[str, Any]) -> None:
     env = result.get("environment", {})
     table = Table(title=f"gpu_check — {result['pipeline']}, {result['input_size']} px, "
                         f"{env.get('gpu', env.get('device', '?'))}, {result['date']}")
-    for col in ("section", "measurement", "mean ms", "p50 ms", "images/s"):
+    for col in ("section", "measurement", "mean ms", "median ms", "images/s"):
         table.add_column(col, justify="left" if col in ("section", "measurement") else "right")
     for section in ("inference", "training", "onnxruntime"):
         for name, value in result.get(section, {}).items():
             if isinstance(value, dict) and "mean_ms" in value:
-                table.add_row(section, name, f"{value['mean_ms']:.2f}", f"{value['p50_ms']:.2f}",
+                table.add_row(section, name, f"{value['mean_ms']:.2f}", f"{value['median_ms']:.2f}",
                               f"{value.get('images_per_s', 0):.1f}")
             elif isinstance(value, dict) and "error" in value:
                 table.add_row(section, name, "error", "", "")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,7 @@ class ReportOptions:
     backend: str | None = None
     eval_images: int | None = None
     calib_images: int = 8
+    own_student_only: bool = False
     build: bool = True
     config: Path | None = None
     overrides: list[str] = field(default_factory=list)
@@ -147,18 +148,26 @@ def trained_models(opts: ReportOptions, cfg: ProjectConfig, pipe: Pipeline, bund
 
 def untrained_models(opts: ReportOptions, pipe: Pipeline, out_dir: Path, bundles: Path,
                      notes: list[str]) -> list[Model]:
-    """Randomly initialised teacher and student deployed through deploy.build (see benchmarks.latency_only)."""
-    from benchmarks.latency_only import FIDELITY_NOTE, FIDELITY_OVERRIDES, calibration_for, random_checkpoint
+    """Randomly initialised teacher and student deployed through deploy.build (see benchmarks.latency_only), plus
+    the students of the sibling pipelines (same teacher, data and input size: the edge students) unless
+    --own-student-only."""
+    from benchmarks.latency_only import (FIDELITY_NOTE, FIDELITY_OVERRIDES, calibration_for, describe_spec,
+                                         latency_models, random_checkpoint, shared_overrides)
 
     calib = calibration_for(pipe, out_dir / "calibration-data", opts.calib_images)
     notes += [calib.note, FIDELITY_NOTE]
     models = []
-    for role, name in (("teacher", "teacher"), ("student", "student")):
-        ckpt, params, flops = random_checkpoint(pipe, role, out_dir / "checkpoints" / role / "model.pt", "untrained")
-        _deploy(opts, pipe, role, ckpt, bundles / role, calib.overrides + FIDELITY_OVERRIDES)
-        models.append(Model(role, None, name, bundles / role, ckpt, False, params, flops))
-    spec = lambda s: f"{s.backbone} FPN {s.fpn_width}, {s.head_convs} head convs"  # noqa: E731
-    notes.append(f"Latency only — untrained weights: teacher {spec(pipe.teacher)}, student {spec(pipe.student)}, "
+    wanted = latency_models(pipe, opts.own_student_only, opts.config, opts.overrides)
+    sibling_opts = replace(opts, overrides=shared_overrides(opts.overrides))  # a sibling keeps its own student
+    for m in wanted:
+        ckpt, params, flops = random_checkpoint(m.pipe, m.role, out_dir / "checkpoints" / m.folder / "model.pt",
+                                                "untrained")
+        _deploy(opts if m.pipe is pipe else sibling_opts, m.pipe, m.role, ckpt, bundles / m.folder,
+                calib.overrides + FIDELITY_OVERRIDES)
+        models.append(Model(m.role, None, m.name, bundles / m.folder, ckpt, False, params, flops))
+    students = "; ".join([f"student {describe_spec(pipe.student)}"]
+                         + [f"{m.name} {describe_spec(m.pipe.student)}" for m in wanted[2:]])
+    notes.append(f"Latency only — untrained weights: teacher {describe_spec(pipe.teacher)}; {students}; "
                  f"{len(class_list_of(pipe))} classes, randomly initialised (seed 0).")
     return models
 
@@ -329,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-images", type=int, default=None, help="only the first N test images for accuracy")
     parser.add_argument("--calib-images", type=int, default=8,
                         help="calibration images with --latency-only (default 8)")
+    parser.add_argument("--own-student-only", action="store_true",
+                        help="with --latency-only: time only this pipeline's student, not also the students of "
+                             "pipelines with the same teacher, data and input size (e.g. the edge students)")
     parser.add_argument("--no-build", dest="build", action="store_false",
                         help="use the bundles as they are; do not (re)build them with deploy.build")
     parser.add_argument("--work-dir", type=Path, default=None, help="where distill.run wrote checkpoints")
@@ -343,7 +355,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--eval-images must be at least 1, got {args.eval_images}", where="--eval-images")
     opts = ReportOptions(pipeline=args.pipeline, target=args.target, latency_only=args.latency_only, out=args.out,
                          iters=args.iters, warmup=args.warmup, threads=args.threads, backend=args.backend,
-                         eval_images=args.eval_images, calib_images=args.calib_images, build=args.build,
+                         eval_images=args.eval_images, calib_images=args.calib_images,
+                         own_student_only=args.own_student_only, build=args.build,
                          config=args.config, overrides=list(args.overrides), work_dir=args.work_dir)
     results, out_dir = make_report(opts)
     print_headline(results)

@@ -36,6 +36,10 @@ GROUP_PATTERNS = (
     ("stem", r"^/backbone/body/(conv1|bn1|relu|maxpool)\b"),
     ("layer1", r"^/backbone/body/layer1/"), ("layer2", r"^/backbone/body/layer2/"),
     ("layer3", r"^/backbone/body/layer3/"), ("layer4", r"^/backbone/body/layer4/"),
+    # MobileNetV3-Large `features` blocks by stage, under the ResNet names (stem, C2..C5 = layer1..layer4)
+    ("stem", r"^/backbone/body/body\.[01]/"), ("layer1", r"^/backbone/body/body\.[23]/"),
+    ("layer2", r"^/backbone/body/body\.[4-6]/"), ("layer3", r"^/backbone/body/body\.([7-9]|1[0-2])/"),
+    ("layer4", r"^/backbone/body/body\.1[3-6]/"),
     ("fpn", r"^/backbone/fpn/"),
     ("cls_tower", r"^/head/classification_head/"), ("reg_tower", r"^/head/regression_head/"),
     ("rpn", r"^/rpn/"), ("roi_heads", r"^/roi_heads/"),

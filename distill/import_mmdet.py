@@ -56,6 +56,7 @@ def _check_spec(found: InferredSpec, spec, role: str, pipeline: str) -> None:
     wanted = {"arch": found.arch, "backbone": found.backbone, "fpn_width": found.fpn_width}
     if found.arch == "retinanet":
         wanted["head_convs"] = found.head_convs
+        wanted["head"] = "conv"  # MMDetection's RetinaHead uses full 3x3 convs
     if found.roi_fc_width is not None and hasattr(spec, "roi_fc_width"):
         wanted["roi_fc_width"] = found.roi_fc_width
     diff = {k: v for k, v in wanted.items() if getattr(spec, k) != v}

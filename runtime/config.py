@@ -64,9 +64,10 @@ class ModelSpec(Strict):
     """A detector: architecture, backbone, FPN width, head depth, anchors, initialisation and normalisation."""
 
     arch: Literal["retinanet", "faster_rcnn"]
-    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnext101_64x4d"]
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnext101_64x4d", "mobilenet_v3_large"]
     fpn_width: int = Field(256, gt=0)
     head_convs: int = Field(4, ge=1)
+    head: Literal["conv", "separable"] = "conv"  # RetinaNet: full 3x3 head convs, or depthwise-separable (edge)
     pretrained_backbone: bool = False
     norm: Literal["frozen_bn", "bn"] = "frozen_bn"
     roi_fc_width: int = Field(1024, gt=0)  # Faster R-CNN: width of the two shared FCs of the RoI box head
@@ -74,7 +75,6 @@ class ModelSpec(Strict):
     anchors: AnchorConfig | None = None  # None: the reference's (RetinaNet 4 x stride x 2^(i/3); RPN 8 x stride)
     assign: AssignConfig | None = None  # None: the reference's thresholds
     box_loss: Literal["l1", "smooth_l1", "giou", "diou", "ciou"] = "l1"  # RetinaNet's regression loss (reference: l1)
-    head_norm: Literal["none", "gn"] = "none"  # RetinaNet head convs: no norm (reference) or GroupNorm
     # RetinaNet's FPN levels [finest, coarsest] (P_l has stride 2^l): reference [3, 7]; [2, 6] adds the stride-4
     # level that objects of ~10 px need. Faster R-CNN is fixed at P2-P6.
     fpn_levels: tuple[int, int] | None = None

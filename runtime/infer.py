@@ -42,10 +42,12 @@ def png_names(paths: Sequence[Path]) -> list[str]:
     return [f"{stem}.png" if stems.count(stem) == 1 else f"{i:04d}_{stem}.png" for i, stem in enumerate(stems)]
 
 
-def _detect_one(detector: Detector, image, args: argparse.Namespace) -> Detections:
-    if args.tile:
-        return tiled_detect(detector, image, tile=args.tile_size, overlap=args.overlap,
-                            batch_size=max(args.batch, TILE_BATCH))
+def detect_image(detector: Detector, image, tile: bool = False, tile_size: int | None = None,
+                 overlap: int | None = None, batch: int = 1) -> Detections:
+    """One image's detections as this CLI computes them: whole, or tiled with at least TILE_BATCH tiles per
+    detect() call."""
+    if tile:
+        return tiled_detect(detector, image, tile=tile_size, overlap=overlap, batch_size=max(batch, TILE_BATCH))
     return detector.detect([image])[0]
 
 
@@ -85,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                     console=console, transient=True), start=1):
             image = read_image(path)
             height, width = image.shape[:2]
-            dets = _detect_one(detector, image, args)
+            dets = detect_image(detector, image, args.tile, args.tile_size, args.overlap, args.batch)
             results.extend(dets.to_coco_results(image_id))
             images_info.append({"id": image_id, "file_name": str(path), "width": width, "height": height})
             if not args.no_png:

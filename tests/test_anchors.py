@@ -217,15 +217,6 @@ def test_fpn_levels_are_checked_against_the_anchor_levels(tmp_path):
         load_config(cfg)
 
 
-def test_head_norm_setting_puts_groupnorm_in_both_subnets():
-    model = build_detector(spec("retinanet", head_norm="gn"), 2, 64)
-    for subnet in (model.head.classification_head, model.head.regression_head):
-        norms = [m for m in subnet.conv.modules() if isinstance(m, torch.nn.GroupNorm)]
-        assert len(norms) == 1 and norms[0].num_groups == 16  # width 16: as many groups as divide it, up to 32
-    plain = build_detector(spec("retinanet"), 2, 64)
-    assert not any(isinstance(m, torch.nn.GroupNorm) for m in plain.head.modules())
-
-
 def test_distillation_refuses_a_student_with_other_levels_or_anchors():
     from distill.tasks import build_task
 

@@ -18,7 +18,7 @@ from torchvision.ops import generalized_box_iou_loss
 
 from distill.ds2d2.haar import high_frequency
 from distill.ds2d2.hf_backbone import HighFrequencyBackbone
-from distill.models.retinanet import retina_head
+from distill.models.heads import head_type, retina_head
 from distill.models.retinanet import retina_train_step as train_step  # noqa: F401  (the arch-module interface)
 
 PKD_WEIGHT = 10.0  # mmrazor pkd_fpn_retina_x101_retina_r50_2x_coco: loss_weight 10 on FPN levels 0-3
@@ -36,9 +36,8 @@ def amplifier_model(teacher: RetinaNet, init_from_teacher: bool = True) -> Retin
     model.backbone = HighFrequencyBackbone(teacher.backbone)
     if not init_from_teacher:
         cls_head, reg_head = teacher.head.classification_head, teacher.head.regression_head
-        norm = "gn" if any(isinstance(m, nn.GroupNorm) for m in cls_head.conv.modules()) else "none"
         model.head = retina_head(teacher.backbone.out_channels, cls_head.num_anchors, cls_head.num_classes,
-                                 len(cls_head.conv), norm).to(next(teacher.parameters()).device)
+                                 len(cls_head.conv), head_type(teacher.head)).to(next(teacher.parameters()).device)
         model.head.regression_head._loss_type = reg_head._loss_type  # the teacher's box loss (e.g. giou)
     model.head.requires_grad_(True)
     return model

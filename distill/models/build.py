@@ -20,7 +20,7 @@ BUILDERS = {
 
 
 def build_detector(spec, num_classes: int, input_size: int, **thresholds) -> nn.Module:
-    """Detector for a ModelSpec-like object (arch, backbone, fpn_width, head_convs, pretrained_backbone, norm).
+    """Detector for a ModelSpec-like object (arch, backbone, fpn_width, head_convs, head, pretrained_backbone, norm).
 
     `thresholds` are the test settings: score_thresh, nms_thresh, detections_per_img, topk_candidates.
     """
@@ -31,6 +31,9 @@ def build_detector(spec, num_classes: int, input_size: int, **thresholds) -> nn.
     if input_size % 32:
         raise UserError(f"input size {input_size} is not a multiple of 32", where="input_size",
                         fix="use e.g. 800 or 1024")
+    if getattr(spec, "head", "conv") != "conv" and spec.arch != "retinanet":
+        raise UserError(f"head {spec.head!r} is a RetinaNet option; {spec.arch} has no dense head to make separable",
+                        where="model.head", fix="remove `head` from the model or set head: conv")
     module_name, func = BUILDERS[spec.arch].split(":")
     try:
         module = importlib.import_module(module_name)

@@ -19,7 +19,7 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from distill.models.backbones import resnet_fpn
+from distill.models.backbones import backbone_fpn
 from distill.models.retinanet import anchor_generator
 from distill.models.mmdet_variant import to_mmdet_variant
 from runtime.errors import UserError
@@ -74,7 +74,7 @@ def build_faster_rcnn(
     representation_size = representation_size or getattr(spec, "roi_fc_width", None) or DEFAULT_REPRESENTATION
     if representation_size < 1:
         raise UserError(f"RoI head width must be positive, got {representation_size}", where="model.roi_fc_width")
-    backbone = resnet_fpn(
+    backbone = backbone_fpn(
         spec.backbone, spec.fpn_width, pretrained=spec.pretrained_backbone, norm=spec.norm,
         returned_layers=(1, 2, 3, 4), extra_blocks=LastLevelMaxPool(),
     )

@@ -1,22 +1,19 @@
-"""torchvision RetinaNet configured like the DS2D2 reference (P3-P7 with P6/P7 from C5, 3x3 anchors, N head convs)."""
+"""torchvision RetinaNet configured like the DS2D2 reference (P3-P7 with P6/P7 from C5, 3x3 anchors, N head convs),
+with the FPN levels, anchors, assignment and box loss a ModelSpec can change (e.g. P2-P6 for objects of ~10 px)."""
 from __future__ import annotations
-
-from functools import partial
 
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
-from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import boxes as box_ops
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelP6P7
-from torchvision.ops.misc import Conv2dNormActivation
 
-from distill.models.backbones import c5_channels, fpn_features, resnet_fpn
+from distill.models.backbones import backbone_fpn, c5_channels, fpn_features
+from distill.models.heads import retina_head
 from runtime.anchors import anchor_spec_for
 from runtime.errors import UserError
-
 
 
 def anchor_generator(arch: str, anchors=None, levels: tuple[int, int] | None = None) -> AnchorGenerator:
@@ -50,32 +47,6 @@ class LastLevelP6(ExtraFPNBlock):
         return [*p, self.p6(c[-1])], [*names, "p6"]
 
 
-def head_norm_layer(norm: str, width: int):
-    """The head's norm layer: None (the reference), or GroupNorm with 32 groups (fewer when the width needs it) —
-    per-level statistics for a head shared by all levels, as torchvision's RetinaNet v2 and FCOS use."""
-    if norm == "none":
-        return None
-    groups = next(g for g in (32, 16, 8, 4, 2, 1) if width % g == 0)
-    return partial(nn.GroupNorm, groups)
-
-
-def retina_head(width: int, num_anchors: int, num_classes: int, num_convs: int, norm: str = "none") -> RetinaNetHead:
-    """torchvision's RetinaNetHead with `num_convs` conv(+GroupNorm)+ReLU layers in each subnet instead of 4."""
-    if num_convs < 0:
-        raise UserError(f"head_convs must be >= 0, got {num_convs}", where="model.head_convs")
-    head = RetinaNetHead(width, num_anchors, num_classes)
-    norm_layer = head_norm_layer(norm, width)
-    for subnet in (head.classification_head, head.regression_head):
-        subnet.conv = nn.Sequential(*(Conv2dNormActivation(width, width, norm_layer=norm_layer)
-                                      for _ in range(num_convs)))
-        for layer in subnet.conv.modules():
-            if isinstance(layer, nn.Conv2d):  # torchvision's (and the reference's) head init
-                nn.init.normal_(layer.weight, std=0.01)
-                if layer.bias is not None:  # a conv followed by GroupNorm has none
-                    nn.init.zeros_(layer.bias)
-    return head
-
-
 def build_retinanet(
     spec,
     num_classes: int,
@@ -94,7 +65,7 @@ def build_retinanet(
         extra.use_P5 = False  # always from C5 (reference add_extra_convs='on_input'), even when C5 width == fpn_width
     else:
         extra = LastLevelP6(c5_channels(spec.backbone), spec.fpn_width)
-    backbone = resnet_fpn(
+    backbone = backbone_fpn(
         spec.backbone, spec.fpn_width, pretrained=spec.pretrained_backbone, norm=spec.norm,
         returned_layers=tuple(range(low - 1, 5)), extra_blocks=extra,  # ResNet layer k gives C_{k+1}
     )
@@ -107,7 +78,7 @@ def build_retinanet(
         max_size=input_size,
         anchor_generator=anchors,
         head=retina_head(spec.fpn_width, anchors.num_anchors_per_location()[0], num_classes, spec.head_convs,
-                         getattr(spec, "head_norm", "none")),
+                         getattr(spec, "head", "conv")),
         score_thresh=score_thresh,
         nms_thresh=nms_thresh,
         detections_per_img=detections_per_img,
