@@ -37,7 +37,6 @@ from runtime.atomic import write_json_atomic
 from runtime.errors import UserError
 
 BEST_METRIC = "AP50"  # the paper's headline number selects best.pt on the val split
-CHECKPOINTS_PER_EPOCH = 4  # last.pt every max(1, iterations_per_epoch // 4) iterations, and at every epoch end
 
 
 def seed_everything(seed: int) -> None:
@@ -78,7 +77,8 @@ def build_optimizer(params: list[nn.Parameter], schedule: StageSchedule) -> torc
         raise UserError("the task has no trainable parameters", where="trainer", fix="check which modules are frozen")
     if schedule.optimizer == "sgd":
         return torch.optim.SGD(params, lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay)
-    return torch.optim.AdamW(params, lr=schedule.lr, weight_decay=schedule.weight_decay)
+    # fused: one kernel per step instead of a loop over tensors (~5% of a small detector's CPU step)
+    return torch.optim.AdamW(params, lr=schedule.lr, weight_decay=schedule.weight_decay, fused=True)
 
 
 def lr_factor(step: int, schedule: StageSchedule, iters_per_epoch: int) -> float:
@@ -220,7 +220,7 @@ class StageTrainer:
         if info.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
         self.iters_per_epoch = iterations_per_epoch(len(train), sched.batch_size, info)
-        self.checkpoint_every = max(1, self.iters_per_epoch // CHECKPOINTS_PER_EPOCH)
+        self.checkpoint_every = max(1, self.iters_per_epoch // sched.checkpoints_per_epoch)
         optimizer = build_optimizer(list(self.task.trainable_parameters()), sched)
         scheduler = build_scheduler(optimizer, sched, self.iters_per_epoch)
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)

@@ -120,6 +120,8 @@ class StageSchedule(Strict):
     workers: int = Field(2, ge=0)
     seed: int = 0
     augment_flip: bool = True
+    # last.pt (weights + optimizer state, for exact --resume) this many times per epoch, and at every epoch end
+    checkpoints_per_epoch: int = Field(4, ge=1)
 
 
 class ScheduleConfig(Strict):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -331,3 +332,21 @@ def test_evaluation_maps_detections_back_to_original_pixels(tmp_path):
     for t in shifted.answers:
         t["labels"] = 1 - t["labels"]  # wrong classes score nothing
     assert evaluate(shifted, make_loader(dataset, eval_batches(3, 2), 0), dataset.set, torch.device("cpu")).AP50 < 0.5
+
+
+@pytest.mark.parametrize("per_epoch, saves", [(1, [(1, 0), (2, 0)]), (3, [(0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0)])])
+def test_checkpoints_per_epoch_sets_how_often_last_pt_is_written(make_tiny_config, monkeypatch, per_epoch, saves):
+    import distill.trainer as trainer_module
+
+    cfg = make_tiny_config(schedule={"teacher": {"checkpoints_per_epoch": per_epoch}})
+    trainer, (train, select, test), out = _teacher_trainer(cfg, epochs=2)
+    seen, real = [], trainer_module.save_checkpoint
+
+    def spy(path, payload):
+        if Path(path).name == "last.pt":
+            seen.append((payload["resume"]["state"]["epoch"], payload["resume"]["state"]["iteration"]))
+        return real(path, payload)
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", spy)
+    trainer.fit(train, select, test)
+    assert seen == saves  # 3 steps per epoch; mid-epoch saves at multiples of 3 // per_epoch, plus each epoch end
