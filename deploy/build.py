@@ -24,6 +24,7 @@ from deploy.calibration import calibration_set, load_split
 from deploy.export import AutocastFp16, ExportOnnx, SimplifyOnnx, deploy_network
 from deploy.fidelity import check_fidelity
 from deploy.gate import accuracy_gate, evaluate_models
+from deploy.nms_graph import NMS_CHOICES, plan_nms
 from deploy.quantize import QuantizeOnnx
 from deploy.tensorrt import (CALIB_CACHE, FP16_ONNX, FP32_ONNX, INT8_ONNX, build_calibration_cache, build_engine,
                              build_engine_script, engine_plan, tensorrt_status, trtexec_command)
@@ -124,7 +125,7 @@ def build_role(pipe: Any, target: Any, opts: Options, checkpoint: Path, out_dir:
     size = opts.input_size
     if meta.get("input_size") not in (None, size):
         say(f"note: trained at {meta['input_size']} px, exported at the target's {size} px")
-    net = deploy_network(model, size, opts.nms)
+    net = deploy_network(model, size)
     anchors = _anchor_spec(model, size) if net.kind == "retinanet" else None
     # fp32 / fp16 builds only need images for the fidelity check
     calib = calibration_set(pipe, size, opts.calib_images if opts.precision == "int8"
@@ -133,6 +134,8 @@ def build_role(pipe: Any, target: Any, opts: Options, checkpoint: Path, out_dir:
     post = PostprocessSpec(kind=net.kind, num_classes=len(classes), anchors=anchors, score_thresh=test.score_thresh,
                            nms_iou=test.nms_iou, max_detections=test.max_detections,
                            topk_candidates=test.topk_candidates, label_offset=net.label_offset)
+    nms = plan_nms(opts.nms, net, model, post, size, target.runtime, None if pipe.deploy.dynamic_batch else 1,
+                   pipe.deploy.opset)
     trt = target.runtime == "tensorrt"
     plan = engine_plan(target, opts.precision, size, pipe.deploy.dynamic_batch, opts.target) if trt else None
     failed_dir = out_dir.parent / "failed" / out_dir.name
@@ -153,31 +156,37 @@ def build_role(pipe: Any, target: Any, opts: Options, checkpoint: Path, out_dir:
                             "if the difference is numerical noise")
         say(f"exported {fp32_path.name}: ONNX Runtime matches PyTorch ({fidelity.worst()})")
         if opts.precision == "int8":
-            gate_dict = _quantize_and_gate(bundle, pipe, target, plan, calib, post, classes, failed_dir, described,
-                                           summary, say)
+            gate_dict = _quantize_and_gate(bundle, pipe, target, plan, calib, nms.postprocess, classes, failed_dir,
+                                           described, summary, say, nms.tail)
         if plan is not None and plan.onnx_file == FP16_ONNX:
             AutocastFp16(fp32_path, bundle.path(FP16_ONNX, "onnx-fp16", "fp16"))()
             described[FP16_ONNX] = "mixed FP16 (ModelOpt AutoCast) for strongly typed TensorRT"
+        # In-graph NMS goes on after calibration (ONNX Runtime could not calibrate through a TensorRT plugin).
+        nms.attach([bundle.tmp / n for n in (FP32_ONNX, INT8_ONNX, FP16_ONNX) if (bundle.tmp / n).is_file()])
+        described["manifest.json"] = f"hashes, versions, pre/post-processing. {nms.describe()}"
+        if nms.plugin and "accuracy_gate.json" in described:
+            described["accuracy_gate.json"] += (" (NMS scored with runtime.efficient_nms, the numpy reference of "
+                                                "EfficientNMS_TRT: the plugin itself is not executed here)")
         engine_note = "The target runs the ONNX files with ONNX Runtime; no TensorRT engine is involved."
         if plan is not None:
             engine_note, engine_info = _tensorrt(bundle, plan, opts, calib, fp32_path, described, say)
         notes = f"built by deploy.build from {checkpoint} ({meta.get('role')}, method {meta.get('method')})"
         bundle.write_text("README.md", readme(pipe.name, opts.role, opts.target, target.description,
-                                              {**described, "manifest.json": "hashes, versions, pre/post-processing"},
+                                              described,
                                               gate_dict, engine_note), "readme")
         bundle.write_json(BUILD_INFO, {"input_hash": wanted, "checkpoint": str(checkpoint), "settings": settings,
                                        "summary": summary}, "build-info")
-        bundle.commit(**manifest_fields(pipe.name, opts.role, opts.target, classes, calib.spec, post,
-                                        net.output_names, (1 if not pipe.deploy.dynamic_batch else "batch", 3, size,
+        bundle.commit(**manifest_fields(pipe.name, opts.role, opts.target, classes, calib.spec, nms.postprocess,
+                                        nms.output_names, (1 if not pipe.deploy.dynamic_batch else "batch", 3, size,
                                                            size), plan.trt_major if plan else None, engine_info,
-                                        notes))
+                                        notes), nms=nms.kind)
     say(f"bundle written: {out_dir}")
     return {**summary, "bundle": str(out_dir), "status": "built"}
 
 
 def _quantize_and_gate(bundle: BundleWriter, pipe: Any, target: Any, plan: Any, calib: Any, post: PostprocessSpec,
                        classes: list[str], failed_dir: Path, described: dict[str, str], summary: dict[str, Any],
-                       say: Any) -> dict[str, Any]:
+                       say: Any, tail: Any = None) -> dict[str, Any]:
     """INT8 Q/DQ with the target's quantizer, then the accuracy gate (and sensitivity pass); returns the gate report."""
     fp32_path = bundle.tmp / FP32_ONNX
     bundle.write_json("calibration.json", calib.manifest(), "calib-manifest")
@@ -193,7 +202,7 @@ def _quantize_and_gate(bundle: BundleWriter, pipe: Any, target: Any, plan: Any, 
     report, final = accuracy_gate(
         fp32_path, first,
         requantize=lambda keep: QuantizeOnnx(fp32_path, int8_path, calib, target.quantizer, keep, dla)(),
-        evaluate=lambda paths: evaluate_models(paths, records, classes, calib.spec, post),
+        evaluate=lambda paths: evaluate_models(paths, records, classes, calib.spec, post, tail),
         limit=pipe.deploy.ap50_drop_limit, max_groups=pipe.deploy.sensitivity_groups,
         feeds=calib.feeds(min(8, len(calib))), progress=say)
     gate = report.as_dict()
@@ -253,8 +262,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--precision", choices=("int8", "fp16", "fp32"), default=None,
                         help="default: the target's precision")
     parser.add_argument("--calib-images", type=int, default=None, help="default: calibration.images of the pipeline")
-    parser.add_argument("--nms", choices=("host", "graph"), default="host",
-                        help="host: numpy post-processing (default); graph: decoding + NMS inside the ONNX graph")
+    parser.add_argument("--nms", choices=NMS_CHOICES, default="host",
+                        help="host: numpy/OpenCV post-processing (default); onnx-nms: decoding + ONNX NonMaxSuppression "
+                        "in the graph; efficient-nms-trt: decoding + TensorRT's EfficientNMS_TRT plugin; graph: the "
+                        "in-graph one the target's runtime runs")
     parser.add_argument("--work-dir", type=Path, default=None, help="where distill.run wrote checkpoints")
     parser.add_argument("--out", type=Path, default=None,
                         help="bundle directory (default artifacts/<pipeline>/<target>, + /<role> with --model both)")

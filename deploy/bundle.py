@@ -48,6 +48,10 @@ OUTPUT_MEANINGS = {
     "boxes": "detections' xyxy boxes (N, 4) in network-input pixels",
     "scores": "detections' scores (N,)",
     "labels": "detections' class indices (N,) (minus postprocess.label_offset = index into classes)",
+    "num_detections": "valid detections per image (B, 1) int32: the first n slots of the outputs below",
+    "detection_boxes": "xyxy boxes (B, max_detections, 4) in network-input pixels, zeros past num_detections",
+    "detection_scores": "scores (B, max_detections), sigmoid of the class logit",
+    "detection_classes": "class indices (B, max_detections) int32 (minus postprocess.label_offset)",
 }
 
 

@@ -22,6 +22,7 @@ import onnx
 
 from deploy.fidelity import ort_session
 from deploy.quantize import QuantizeResult, head_output_nodes, prediction_layers, quantized_nodes
+from runtime.efficient_nms import PLUGIN_INPUTS, PLUGIN_OP
 from runtime.postprocess import PostprocessSpec, build_postprocess, sigmoid
 from runtime.preprocess import PreprocessSpec, preprocess_batch, read_image
 from runtime.records import DetectionSet, ImageRecord
@@ -70,14 +71,34 @@ def _outputs(session: Any) -> list[str]:
     return [o.name for o in session.get_outputs()]
 
 
+def _gate_session(path: Path, tail: onnx.ModelProto | None) -> Any:
+    """ORT session of a network as shipped: with its in-graph NMS tail, cut before a TensorRT plugin if it has one."""
+    if tail is None:
+        return ort_session(path)
+    from deploy.nms_graph import attach_tail
+    from runtime.backends.ort import graph_until
+
+    merged = attach_tail(onnx.load(str(path)), tail)
+    if any(n.op_type == PLUGIN_OP for n in merged.graph.node):
+        return ort_session_from(graph_until(merged, PLUGIN_INPUTS))
+    return ort_session_bytes(merged)
+
+
 def evaluate_models(paths: dict[str, Path], records: Sequence[ImageRecord], classes: Sequence[str],
-                    pre: PreprocessSpec, post: PostprocessSpec) -> dict[str, ModelScore]:
-    """Run every model on each image in turn (side by side, same inputs) and score each with COCO AP50."""
+                    pre: PreprocessSpec, post: PostprocessSpec,
+                    tail: onnx.ModelProto | None = None) -> dict[str, ModelScore]:
+    """Run every model on each image in turn (side by side, same inputs) and score each with COCO AP50.
+
+    With ``tail`` (deploy.nms_graph) each network is scored with its in-graph NMS appended, as it is shipped; a
+    tail that ends in TensorRT's EfficientNMS_TRT runs up to the plugin and the plugin's numpy reference
+    (runtime.efficient_nms) finishes, since ONNX Runtime cannot execute the plugin.
+    """
     from runtime.data.coco import to_coco_dict
     from runtime.metrics import evaluate_coco
 
-    sessions = {k: ort_session(p) for k, p in paths.items()}
-    postprocess = build_postprocess(post)
+    sessions = {k: _gate_session(p, tail) for k, p in paths.items()}
+    plugin = tail is not None and any(n.op_type == PLUGIN_OP for n in tail.graph.node)
+    postprocess = build_postprocess(post, plugin_on_host=plugin)
     dets: dict[str, list] = {k: [] for k in paths}
     times: dict[str, list[float]] = {k: [] for k in paths}
     for image_id, rec in enumerate(records, start=1):

@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from runtime.backends.ort import OrtRunner
 from runtime.backends.select import BACKENDS, PRECISIONS, BackendChoice, select_backend
+from runtime.efficient_nms import PLUGIN_INPUTS
 from runtime.errors import UserError
 from runtime.manifest import Bundle, load_bundle
 from runtime.postprocess import Detections, build_postprocess
@@ -50,12 +52,21 @@ class Detector:
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify=verify)
         manifest = self.bundle.manifest
         post_spec = manifest.postprocess
+        self.min_score: float | None = None  # extra filter on the outputs of a graph that ends in NMS
         if score_thresh is not None:
             if not 0 <= score_thresh < 1:
                 raise UserError(f"score threshold must be in [0, 1), got {score_thresh}", "--score-thresh")
-            post_spec = post_spec.model_copy(update={"score_thresh": float(score_thresh)})
+            if post_spec.kind != "padded":
+                post_spec = post_spec.model_copy(update={"score_thresh": float(score_thresh)})
+            elif score_thresh < post_spec.score_thresh:
+                raise UserError(f"this bundle's graph applies NMS at score {post_spec.score_thresh:g}: "
+                                f"{score_thresh:g} is below it", "--score-thresh",
+                                "use a threshold at or above it, or build the bundle with --nms host")
+            else:
+                # Dropping boxes below a higher threshold after NMS is exact: a box only ever suppresses
+                # lower-scoring boxes, so the survivors above the threshold are the same either way.
+                self.min_score = float(score_thresh)
         self.post_spec = post_spec
-        self.postprocess = build_postprocess(post_spec)
         self.pre_spec = manifest.preprocess
         self.classes: tuple[str, ...] = manifest.classes
         self.input_name = manifest.input.name
@@ -65,6 +76,12 @@ class Detector:
         self.batch_size = max(1, int(batch_size))
         self.choice: BackendChoice = select_backend(self.bundle, backend, precision, threads)
         self.runner = self.choice.runner
+        # ONNX Runtime cannot execute TensorRT's EfficientNMS_TRT: it runs the graph up to the plugin's inputs and
+        # the plugin's numpy reference (runtime.efficient_nms) finishes on the host.
+        plugin_on_host = manifest.nms == "efficient-nms-trt" and isinstance(self.runner, OrtRunner)
+        if plugin_on_host:
+            self.runner.stop_at = PLUGIN_INPUTS
+        self.postprocess = build_postprocess(post_spec, plugin_on_host)
         self.last_times = StageTimes()  # of the last detect() call
         self.cumulative_times = StageTimes()  # of every call since construction (tiling makes several per scene)
 
@@ -140,6 +157,8 @@ class Detector:
             outputs, infer_s = self._run(batch)
             t2 = time.perf_counter()
             dets = [d for out in outputs for d in self.postprocess.from_outputs(out, self.input_size)]
+            if self.min_score is not None:
+                dets = [_above(d, self.min_score) for d in dets]
             results.extend(Detections(tf.boxes_to_original(d.boxes), d.scores, d.labels)
                            for d, tf in zip(dets, transforms))
             t3 = time.perf_counter()
@@ -160,10 +179,17 @@ class Detector:
         info = self.runner.describe()
         return {"backend": self.choice.backend, "model_file": self.choice.model_path.name,
                 "precision": self.choice.precision, "why": self.choice.reason, "runner": info,
-                "input_size": list(self.input_size), "score_thresh": self.post_spec.score_thresh,
-                "nms_iou": self.nms_iou, "max_detections": self.max_detections,
+                "input_size": list(self.input_size),
+                "score_thresh": self.min_score if self.min_score is not None else self.post_spec.score_thresh,
+                "nms_iou": self.nms_iou, "max_detections": self.max_detections, "nms": self.bundle.manifest.nms,
+                "postprocess": type(self.postprocess).__name__,
                 "pipeline": self.bundle.manifest.pipeline, "target": self.bundle.manifest.target,
                 "model_role": self.bundle.manifest.model_role}
+
+
+def _above(dets: Detections, min_score: float) -> Detections:
+    keep = dets.scores > min_score
+    return Detections(dets.boxes[keep], dets.scores[keep], dets.labels[keep])
 
 
 def default_report_path(detector: Detector, stem: str) -> Path:
