@@ -26,6 +26,7 @@ from deploy.fidelity import check_fidelity
 from deploy.gate import accuracy_gate, evaluate_models
 from deploy.nms_graph import NMS_CHOICES, plan_nms
 from deploy.quantize import QuantizeOnnx
+from deploy.ranges import RANGES_FILE
 from deploy.tensorrt import (CALIB_CACHE, FP16_ONNX, FP32_ONNX, INT8_ONNX, build_calibration_cache, build_engine,
                              build_engine_script, engine_plan, tensorrt_status, trtexec_command)
 from runtime.cli import add_debug_flag, run_cli
@@ -43,7 +44,7 @@ class Options:
     target: str
     role: str
     precision: str
-    calib_images: int
+    calib_images: int | None  # None: the pipeline's calibration.images rule
     nms: str
     input_size: int
 
@@ -129,7 +130,7 @@ def build_role(pipe: Any, target: Any, opts: Options, checkpoint: Path, out_dir:
     anchors = _anchor_spec(model, size) if net.kind == "retinanet" else None
     # fp32 / fp16 builds only need images for the fidelity check
     calib = calibration_set(pipe, size, opts.calib_images if opts.precision == "int8"
-                            else min(opts.calib_images, FIDELITY_IMAGES))
+                            else min(opts.calib_images or FIDELITY_IMAGES, FIDELITY_IMAGES))
     test = pipe.test
     post = PostprocessSpec(kind=net.kind, num_classes=len(classes), anchors=anchors, score_thresh=test.score_thresh,
                            nms_iou=test.nms_iou, max_detections=test.max_detections,
@@ -191,9 +192,12 @@ def _quantize_and_gate(bundle: BundleWriter, pipe: Any, target: Any, plan: Any, 
     fp32_path = bundle.tmp / FP32_ONNX
     bundle.write_json("calibration.json", calib.manifest(), "calib-manifest")
     described["calibration.json"] = f"{len(calib)} calibration images ({calib.split} split) + preprocessing"
+    described[RANGES_FILE] = f"activation ranges from calibration ({calib.method}), reused by the sensitivity pass"
     dla = plan is not None and plan.dla_core is not None
     int8_path = bundle.path(INT8_ONNX, "onnx-int8", "int8")
-    first = QuantizeOnnx(fp32_path, int8_path, calib, target.quantizer, dla=dla)()
+    ranges = bundle.path(RANGES_FILE, "calib-ranges")  # the sensitivity pass re-quantizes from it
+    first = QuantizeOnnx(fp32_path, int8_path, calib, target.quantizer, dla=dla, ranges_cache=ranges,
+                         progress=say)()
     if first.note:
         say(first.note)
     say(f"quantized with {first.quantizer}: {first.qdq['QuantizeLinear']} Q / {first.qdq['DequantizeLinear']} DQ "
@@ -201,7 +205,8 @@ def _quantize_and_gate(bundle: BundleWriter, pipe: Any, target: Any, plan: Any, 
     records = load_split(pipe, pipe.dataset.test_split).records[: pipe.deploy.eval_images]
     report, final = accuracy_gate(
         fp32_path, first,
-        requantize=lambda keep: QuantizeOnnx(fp32_path, int8_path, calib, target.quantizer, keep, dla)(),
+        requantize=lambda keep: QuantizeOnnx(fp32_path, int8_path, calib, target.quantizer, keep, dla, ranges,
+                                             say)(),
         evaluate=lambda paths: evaluate_models(paths, records, classes, calib.spec, post, tail),
         limit=pipe.deploy.ap50_drop_limit, max_groups=pipe.deploy.sensitivity_groups,
         feeds=calib.feeds(min(8, len(calib))), progress=say)
@@ -261,10 +266,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path, default=None, help="model.pt to deploy instead of the pipeline's")
     parser.add_argument("--precision", choices=("int8", "fp16", "fp32"), default=None,
                         help="default: the target's precision")
-    parser.add_argument("--calib-images", type=int, default=None, help="default: calibration.images of the pipeline")
+    parser.add_argument("--calib-images", type=int, default=None,
+                        help="default: calibration.images of the pipeline (unset there: 500, or all the split has)")
     parser.add_argument("--nms", choices=NMS_CHOICES, default="host",
-                        help="host: numpy/OpenCV post-processing (default); onnx-nms: decoding + ONNX NonMaxSuppression "
-                        "in the graph; efficient-nms-trt: decoding + TensorRT's EfficientNMS_TRT plugin; graph: the "
+                        help="host: numpy/OpenCV post-processing (default); onnx-nms: decoding + ONNX "
+                        "NonMaxSuppression in the graph; efficient-nms-trt: decoding + TensorRT's EfficientNMS_TRT plugin; graph: the "
                         "in-graph one the target's runtime runs")
     parser.add_argument("--work-dir", type=Path, default=None, help="where distill.run wrote checkpoints")
     parser.add_argument("--out", type=Path, default=None,
@@ -289,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console(stderr=True)
     rows = []
     for role in roles:
-        opts = Options(args.target, role, precision, args.calib_images or pipe.calibration.images, args.nms, size)
+        opts = Options(args.target, role, precision, args.calib_images, args.nms, size)
         ckpt = args.checkpoint or checkpoint_path(pipe, role, args.work_dir)
         out = base / role if len(roles) > 1 else base
         rows.append(build_role(pipe, target, opts, Path(ckpt), Path(out), console))

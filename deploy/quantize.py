@@ -14,17 +14,22 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import tempfile
+import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 from polygraphy.backend.base import BaseLoader
 
 from deploy.calibration import CalibrationSet
 from deploy.formats import missing, quiet_tools
+from deploy.ranges import (ORT_METHODS, ActivationRanges, calibrate_ort, calibration_key, modelopt_scales,
+                           quantize_with_ranges, write_trt_calibration_cache)
 from runtime.errors import UserError
 
 # Module paths (as the TorchScript exporter writes them into node names) of the layers whose outputs are the
@@ -34,7 +39,6 @@ OUTPUT_LAYER_PREFIXES = (
     "/head/classification_head/cls_logits", "/head/regression_head/bbox_reg",
     "/rpn/head/cls_logits", "/rpn/head/bbox_pred", "/roi_heads/box_predictor/",
 )
-ORT_METHODS = {"entropy": "Entropy", "max": "MinMax", "minmax": "MinMax", "percentile": "Percentile"}
 MODELOPT_METHODS = {"entropy": "entropy", "max": "max", "minmax": "max"}
 
 
@@ -93,8 +97,26 @@ def qdq_counts(model: onnx.ModelProto) -> dict[str, int]:
     return {"QuantizeLinear": ops.count("QuantizeLinear"), "DequantizeLinear": ops.count("DequantizeLinear")}
 
 
-def _ort_quantize(fp32: Path, out: Path, calib: CalibrationSet, exclude: list[str], symmetric: bool) -> None:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+# What TensorRT's ONNX parser takes as explicit INT8 (modelopt's ONNX PTQ settings for ONNX Runtime's quantizer):
+# symmetric int8 activations and per-channel weights, weights kept in float behind a Q/DQ pair, biases left in float
+# (no int32 DequantizeLinear), Q/DQ only on the inputs of the ops modelopt quantises.
+TRT_OP_TYPES = ["Add", "AveragePool", "BatchNormalization", "Clip", "Conv", "ConvTranspose", "Gemm",
+                "GlobalAveragePool", "MatMul", "MaxPool", "Mul"]
+TRT_SHAPED_OPTIONS = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
+                      "AddQDQPairToWeight": True, "DedicatedQDQPair": False, "ForceQuantizeNoInputCheck": True,
+                      "QDQOpTypePerChannelSupportToAxis": {"Conv": 0, "ConvTranspose": 1}}
+
+
+def _ort_op_types() -> list[str]:
+    """Every op type ONNX Runtime's static quantizer handles (quantize_static's default)."""
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    return sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
+
+
+def _ort_quantize(fp32: Path, out: Path, calib: CalibrationSet, exclude: list[str], symmetric: bool,
+                  cache: Path | None, say: Callable[[str], None]) -> ActivationRanges:
+    from onnxruntime.quantization import QuantType
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if calib.method not in ORT_METHODS:
@@ -105,26 +127,50 @@ def _ort_quantize(fp32: Path, out: Path, calib: CalibrationSet, exclude: list[st
     with quiet_tools():
         quant_pre_process(str(fp32), str(prepared), skip_optimization=True)
     try:
+        op_types = TRT_OP_TYPES if symmetric else _ort_op_types()
+        key = calibration_key(fp32, calib, "ort-symmetric" if symmetric else "ort-u8s8", symmetric)
+        ranges = ActivationRanges.load(cache, key) if cache else None
+        if ranges is None:
+            ranges = calibrate_ort(prepared, _progress(calib), calib.method, symmetric, op_types, key)
+            say(f"calibrated {ranges.images} images ({calib.method}, {len(ranges.ranges)} tensors) in "
+                f"{ranges.seconds:.1f} s")
+            if cache:
+                ranges.save(cache)
+        else:
+            say(f"reused the calibration ranges in {cache.name} ({ranges.images} images, {calib.method})")
+        options = (dict(TRT_SHAPED_OPTIONS, OpTypesToExcludeOutputQuantization=_op_types_in(prepared))
+                   if symmetric else {"ActivationSymmetric": False, "WeightSymmetric": True})
         with quiet_tools():
-            quantize_static(
-                str(prepared), str(out), calib.reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8, weight_type=QuantType.QInt8,
-                nodes_to_exclude=exclude, calibrate_method=getattr(CalibrationMethod, ORT_METHODS[calib.method]),
-                extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
-            )
+            quantize_with_ranges(prepared, out, ranges, QuantType.QInt8 if symmetric else QuantType.QUInt8,
+                                 exclude, op_types, options)
     finally:
         prepared.unlink(missing_ok=True)
+    return ranges
+
+
+def _op_types_in(path: Path) -> list[str]:
+    return sorted({n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node})
+
+
+def _progress(calib: CalibrationSet) -> Iterator[dict[str, np.ndarray]]:
+    """The calibration feeds with a progress bar on a terminal (tqdm stays silent when output is redirected)."""
+    from tqdm import tqdm
+
+    yield from tqdm(calib.feeds_iter(), total=calib.num_batches(), desc="calibrating", unit="batch", disable=None,
+                    leave=False)
 
 
 @contextlib.contextmanager
 def _ort_unpatched_afterwards() -> Iterator[None]:
     """modelopt patches ONNX Runtime's calibrators and quantizers in place, for good; undo that after the block so
     a later ORT quantization in the same process (cpu target, fallback, tests) runs ONNX Runtime's own code."""
-    from onnxruntime.quantization import base_quantizer, calibrate, qdq_quantizer
+    from onnxruntime.quantization import base_quantizer, calibrate, qdq_quantizer, registry
 
     owners = [calibrate, calibrate.CalibraterBase, calibrate.MinMaxCalibrater, calibrate.HistogramCalibrater,
               calibrate.HistogramCollector, qdq_quantizer.QDQQuantizer, base_quantizer.BaseQuantizer]
     saved = [(owner, dict(vars(owner))) for owner in owners]
+    # modelopt also edits the op registries in place (drops Relu, Concat, ...; adds BatchNormalization).
+    registries = [(table, dict(table)) for table in (registry.QDQRegistry, registry.QLinearOpsRegistry)]
     try:
         yield
     finally:
@@ -132,22 +178,50 @@ def _ort_unpatched_afterwards() -> Iterator[None]:
             for key, value in before.items():
                 if vars(owner).get(key) is not value:
                     setattr(owner, key, value)
+        for table, before in registries:
+            table.clear()
+            table.update(before)
 
 
-def _modelopt_quantize(fp32: Path, out: Path, calib: CalibrationSet, exclude: list[str], dla: bool) -> None:
+def _modelopt_quantize(fp32: Path, out: Path, calib: CalibrationSet, exclude: list[str], dla: bool,
+                       cache: Path | None, say: Callable[[str], None]) -> ActivationRanges:
     from modelopt.onnx.quantization import quantize as modelopt_quantize
 
     if calib.method not in MODELOPT_METHODS:
         raise UserError(f"calibration method '{calib.method}' is not supported by nvidia-modelopt",
                         where="calibration.method", fix="use entropy or max")
-    with quiet_tools(), _ort_unpatched_afterwards():  # modelopt logs every step and prints progress bars
-        modelopt_quantize(
-            str(fp32), quantize_mode="int8", calibration_data_reader=calib.reader(),
-            calibration_method=MODELOPT_METHODS[calib.method], calibration_eps=["cpu"],
-            nodes_to_exclude=[f"^{re.escape(n)}$" for n in exclude],  # modelopt takes regular expressions
-            high_precision_dtype="fp32",  # float parts stay fp32 so ORT on the CPU runs the very same graph
-            output_path=str(out), log_level="ERROR", target_dla=dla,
-        )
+    key = calibration_key(fp32, calib, "modelopt", True)
+    cached = ActivationRanges.load(cache, key) if cache else None
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="modelopt.") as tmp:
+        extra: dict[str, Any] = {}
+        reader = calib.reader()
+        if cached is not None:
+            # modelopt always runs its calibrator: on one image here, then every activation scale is overwritten
+            # with the cached one (and nothing is quantized that the cache does not cover).
+            extra["calibration_cache_path"] = str(write_trt_calibration_cache(cached, Path(tmp) / "calib.cache"))
+            reader = calib.reader(limit=1)
+        with quiet_tools(), _ort_unpatched_afterwards():  # modelopt logs every step and prints progress bars
+            modelopt_quantize(
+                str(fp32), quantize_mode="int8", calibration_data_reader=reader,
+                calibration_method=MODELOPT_METHODS[calib.method], calibration_eps=["cpu"],
+                nodes_to_exclude=[f"^{re.escape(n)}$" for n in exclude],  # modelopt takes regular expressions
+                high_precision_dtype="fp32",  # float parts stay fp32 so ORT on the CPU runs the very same graph
+                output_path=str(out), log_level="ERROR", target_dla=dla,
+                calibrate_per_node=calib.per_node,  # one node at a time: least memory, more time
+                **extra)
+    if cached is not None:
+        say(f"reused the calibration scales in {cache.name} ({cached.images} images, {calib.method})")
+        return cached
+    scales = modelopt_scales(onnx.load(str(out), load_external_data=False))
+    ranges = ActivationRanges(calib.method, True, key, {t: (-127 * s, 127 * s) for t, s in scales.items()},
+                              images=len(calib), seconds=time.perf_counter() - start, source="modelopt",
+                              extra={"per_node": calib.per_node})
+    say(f"calibrated {len(calib)} images with modelopt ({calib.method}{', per node' if calib.per_node else ''}) in "
+        f"{ranges.seconds:.1f} s")
+    if cache:
+        ranges.save(cache)
+    return ranges
 
 
 @dataclass
@@ -160,23 +234,34 @@ class QuantizeResult:
     kept_float: list[str] = field(default_factory=list)
     qdq: dict[str, int] = field(default_factory=dict)
     note: str = ""
+    calibration: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (without the node list, which can be long)."""
         return {"file": self.path.name, "quantizer": self.quantizer, "requested": self.requested,
-                "kept_float_nodes": len(self.kept_float), "qdq": self.qdq, "note": self.note}
+                "kept_float_nodes": len(self.kept_float), "qdq": self.qdq, "note": self.note,
+                "calibration": self.calibration}
 
 
 class QuantizeOnnx(BaseLoader):
-    """Loader: quantize an FP32 ONNX file to an INT8 Q/DQ file; returns a QuantizeResult."""
+    """Loader: quantize an FP32 ONNX file to an INT8 Q/DQ file; returns a QuantizeResult.
+
+    With ``ranges_cache`` the calibration ranges are read from that file when it holds ranges of the same model,
+    images and quantizer, and written there otherwise: the sensitivity pass re-quantizes without calibrating.
+    """
 
     def __init__(self, fp32: str | Path | BaseLoader, out: str | Path, calib: CalibrationSet, quantizer: str,
-                 keep_float: list[str] | tuple[str, ...] = (), dla: bool = False):
+                 keep_float: list[str] | tuple[str, ...] = (), dla: bool = False, ranges_cache: Path | None = None,
+                 progress: Callable[[str], None] = lambda _msg: None):
         self.fp32, self.out, self.calib = fp32, Path(out), calib
         self.quantizer, self.keep_float, self.dla = quantizer, list(keep_float), dla
+        self.ranges_cache, self.progress = ranges_cache, progress
 
     def call_impl(self) -> QuantizeResult:
         """Quantize with head outputs (and `keep_float`) excluded; writes atomically."""
+        if len(self.calib) == 0:
+            raise UserError("the calibration set is empty", where=f"calibration split '{self.calib.split}'",
+                            fix="calibrate on at least one training image (calibration.images / --calib-images)")
         fp32 = Path(self.fp32() if callable(self.fp32) else self.fp32)
         model = onnx.load(str(fp32))
         exclude = list(dict.fromkeys(head_output_nodes(model) + self.keep_float))
@@ -186,9 +271,11 @@ class QuantizeOnnx(BaseLoader):
         tmp = self.out.with_name(self.out.stem + ".tmp.onnx")
         try:
             if used == "modelopt":
-                _modelopt_quantize(fp32, tmp, self.calib, exclude, self.dla)
+                ranges = _modelopt_quantize(fp32, tmp, self.calib, exclude, self.dla, self.ranges_cache,
+                                            self.progress)
             elif used in ("ort-u8s8", "ort-symmetric"):
-                _ort_quantize(fp32, tmp, self.calib, exclude, symmetric=used == "ort-symmetric")
+                ranges = _ort_quantize(fp32, tmp, self.calib, exclude, used == "ort-symmetric", self.ranges_cache,
+                                       self.progress)
             else:
                 raise UserError(f"unknown quantizer '{used}'", where="targets.*.quantizer",
                                 fix="use ort-u8s8, modelopt or ort-symmetric")
@@ -197,4 +284,7 @@ class QuantizeOnnx(BaseLoader):
             os.replace(tmp, self.out)
         finally:
             tmp.unlink(missing_ok=True)
-        return QuantizeResult(self.out, used, self.quantizer, exclude, qdq_counts(quantized), note)
+        return QuantizeResult(self.out, used, self.quantizer, exclude, qdq_counts(quantized), note,
+                              calibration={"method": ranges.method, "images": ranges.images,
+                                           "tensors": len(ranges.ranges), "seconds": round(ranges.seconds, 2),
+                                           "source": ranges.source})
