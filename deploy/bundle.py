@@ -37,8 +37,8 @@ BUILD_INFO = "build_info.json"
 ROOT = Path(__file__).resolve().parent.parent
 # Code whose change alters what a build writes: the deploy chain and the runtime pieces baked into the bundle.
 HASHED_CODE = ("deploy", "distill/models", "distill/checkpoint.py", "runtime/preprocess.py", "runtime/postprocess.py",
-               "runtime/anchors.py", "runtime/nms.py", "runtime/manifest.py", "runtime/metrics", "runtime/data/coco.py",
-               "runtime/data/images.py")
+               "runtime/anchors.py", "runtime/nms.py", "runtime/efficient_nms.py", "runtime/manifest.py",
+               "runtime/metrics", "runtime/data/coco.py", "runtime/data/images.py")
 PACKAGES = {"torch": "torch", "torchvision": "torchvision", "onnx": "onnx", "onnxruntime": "onnxruntime",
             "onnxruntime-gpu": "onnxruntime-gpu", "onnxslim": "onnxslim", "polygraphy": "polygraphy",
             "modelopt": "nvidia-modelopt", "tensorrt": "tensorrt", "numpy": "numpy"}

@@ -2,9 +2,14 @@
 
 - ``ort-u8s8`` (target cpu): ONNX Runtime static QDQ with uint8 activations and int8 per-channel weights, the
   combination ORT's CPU kernels run fastest (QLinearConv with u8 activations);
-- ``modelopt`` (TensorRT targets): nvidia-modelopt ONNX PTQ, symmetric int8 Q/DQ placed the way TensorRT fuses it;
-- ``ort-symmetric`` (TensorRT fallback when modelopt is missing): ORT QDQ with int8 activations and weights, both
-  symmetric (TensorRT only accepts zero-point 0).
+- ``modelopt`` (TensorRT targets): nvidia-modelopt ONNX PTQ, symmetric int8 Q/DQ placed the way TensorRT fuses it,
+  with the activation ranges of deploy.ranges (or modelopt's per-node calibration when calibration.per_node is set);
+- ``ort-symmetric`` (TensorRT fallback when modelopt is missing): ONNX Runtime's quantizer with modelopt's settings for
+  TensorRT: symmetric int8 (TensorRT only accepts zero-point 0), weights in float behind Q/DQ pairs, biases in float
+  (no int32 DequantizeLinear), Q/DQ on the inputs of the ops modelopt quantises.
+
+Calibration streams one batch at a time and its ranges are cached in the bundle's build folder (deploy.ranges): the
+sensitivity pass re-quantizes from the cache.
 
 The head's output convolutions and everything after them stay in float for every quantizer: they produce the
 logits and box deltas the host thresholds and decodes, where int8 steps would move scores across the threshold.
@@ -185,40 +190,56 @@ def _ort_unpatched_afterwards() -> Iterator[None]:
 
 def _modelopt_quantize(fp32: Path, out: Path, calib: CalibrationSet, exclude: list[str], dla: bool,
                        cache: Path | None, say: Callable[[str], None]) -> ActivationRanges:
+    """modelopt places the Q/DQ nodes; the activation ranges come from deploy.ranges (streaming, 2048-bin entropy
+    or percentile, or MinMax), handed over as a calibration cache, unless ``calibration.per_node`` asks modelopt
+    to calibrate itself node by node.
+
+    modelopt's own ONNX calibration runs ONNX Runtime's calibrators with 128 histogram bins (it passes no bin
+    count), so its 'entropy' is close to max calibration and its search time grows with the data's spread.
+    """
     from modelopt.onnx.quantization import quantize as modelopt_quantize
 
-    if calib.method not in MODELOPT_METHODS:
-        raise UserError(f"calibration method '{calib.method}' is not supported by nvidia-modelopt",
-                        where="calibration.method", fix="use entropy or max")
+    allowed = MODELOPT_METHODS if calib.per_node else ORT_METHODS
+    if calib.method not in allowed:
+        raise UserError(f"calibration method '{calib.method}' is not supported with modelopt"
+                        f"{' per-node calibration' if calib.per_node else ''}", where="calibration.method",
+                        fix=f"use one of {', '.join(allowed)}")
     key = calibration_key(fp32, calib, "modelopt", True)
-    cached = ActivationRanges.load(cache, key) if cache else None
+    ranges = ActivationRanges.load(cache, key) if cache else None
+    reused = ranges is not None
+    if ranges is None and not calib.per_node:
+        ranges = calibrate_ort(fp32, _progress(calib), calib.method, True, TRT_OP_TYPES, key)
+        say(f"calibrated {ranges.images} images ({calib.method}, {len(ranges.ranges)} tensors) in "
+            f"{ranges.seconds:.1f} s")
+        if cache:
+            ranges.save(cache)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="modelopt.") as tmp:
         extra: dict[str, Any] = {}
         reader = calib.reader()
-        if cached is not None:
+        if ranges is not None:
             # modelopt always runs its calibrator: on one image here, then every activation scale is overwritten
-            # with the cached one (and nothing is quantized that the cache does not cover).
-            extra["calibration_cache_path"] = str(write_trt_calibration_cache(cached, Path(tmp) / "calib.cache"))
+            # with the given one (and nothing is quantized that the ranges do not cover).
+            extra["calibration_cache_path"] = str(write_trt_calibration_cache(ranges, Path(tmp) / "calib.cache"))
             reader = calib.reader(limit=1)
         with quiet_tools(), _ort_unpatched_afterwards():  # modelopt logs every step and prints progress bars
             modelopt_quantize(
                 str(fp32), quantize_mode="int8", calibration_data_reader=reader,
-                calibration_method=MODELOPT_METHODS[calib.method], calibration_eps=["cpu"],
+                calibration_method=MODELOPT_METHODS.get(calib.method, "max"), calibration_eps=["cpu"],
                 nodes_to_exclude=[f"^{re.escape(n)}$" for n in exclude],  # modelopt takes regular expressions
                 high_precision_dtype="fp32",  # float parts stay fp32 so ORT on the CPU runs the very same graph
                 output_path=str(out), log_level="ERROR", target_dla=dla,
-                calibrate_per_node=calib.per_node,  # one node at a time: least memory, more time
+                calibrate_per_node=calib.per_node and ranges is None,  # one node at a time: least memory
                 **extra)
-    if cached is not None:
-        say(f"reused the calibration scales in {cache.name} ({cached.images} images, {calib.method})")
-        return cached
+    if reused:
+        say(f"reused the calibration ranges in {cache.name} ({ranges.images} images, {calib.method})")
+    if ranges is not None:
+        return ranges
     scales = modelopt_scales(onnx.load(str(out), load_external_data=False))
     ranges = ActivationRanges(calib.method, True, key, {t: (-127 * s, 127 * s) for t, s in scales.items()},
                               images=len(calib), seconds=time.perf_counter() - start, source="modelopt",
-                              extra={"per_node": calib.per_node})
-    say(f"calibrated {len(calib)} images with modelopt ({calib.method}{', per node' if calib.per_node else ''}) in "
-        f"{ranges.seconds:.1f} s")
+                              extra={"per_node": True})
+    say(f"calibrated {len(calib)} images with modelopt per node ({calib.method}) in {ranges.seconds:.1f} s")
     if cache:
         ranges.save(cache)
     return ranges

@@ -33,7 +33,8 @@ import numpy as np
 
 PLUGIN_OP = "EfficientNMS_TRT"
 PLUGIN_VERSION = "1"
-PLUGIN_DOMAIN = "TRT"  # the ONNX parser finds plugins by op type whatever the domain; a custom domain keeps checkers happy
+# TensorRT's ONNX parser finds plugins by op type whatever the domain; a custom domain keeps onnx's checker happy.
+PLUGIN_DOMAIN = "TRT"
 SELECTED_BOXES = 4096  # EfficientNMSParameters::numSelectedBoxes
 DENSE_THRESHOLD = 0.007  # below this score threshold the plugin uses its dense kernel
 DENSE_SCORE = -32768.0  # what the dense kernel writes over below-threshold scores

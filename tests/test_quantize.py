@@ -225,19 +225,47 @@ def test_sensitivity_requantization_reuses_cached_ranges(fp32_path, calib, tmp_p
         QuantizeOnnx(fp32_path, tmp_path / "c.onnx", other, "ort-u8s8", ranges_cache=cache)()
 
 
-def test_modelopt_requantization_reuses_its_scales(fp32_path, calib, tmp_path):
+def _activation_scales(model: onnx.ModelProto) -> dict[str, float]:
+    inits = _inits(model)
+    return {n.input[0]: numpy_helper.to_array(inits[n.input[1]]).item()
+            for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
+
+
+def test_modelopt_takes_our_ranges_and_reuses_them(fp32_path, calib, tmp_path, monkeypatch):
+    """modelopt places Q/DQ, the scales are deploy.ranges' (amax / 127), and re-quantizing reads the cache."""
     cache = tmp_path / "ranges.json"
     first = QuantizeOnnx(fp32_path, tmp_path / "a.onnx", calib, "modelopt", ranges_cache=cache)()
     ranges = ActivationRanges.load(cache, json.loads(cache.read_text())["key"])
-    assert ranges is not None and ranges.source == "modelopt" and len(ranges.ranges) > 20
-    # With the cache modelopt calibrates on one image only: without the cached scales the result would differ.
+    assert ranges is not None and ranges.source == "onnxruntime" and ranges.images == 4
+    scales = _activation_scales(onnx.load(str(first.path)))
+    assert len(scales) > 20
+    for tensor, scale in scales.items():
+        lo, hi = ranges.ranges[tensor]
+        assert scale == pytest.approx(max(abs(lo), abs(hi)) / 127, rel=1e-6)
+    _forbid_calibration(monkeypatch)
     again = QuantizeOnnx(fp32_path, tmp_path / "b.onnx", calib, "modelopt", ranges_cache=cache)()
-    assert again.calibration["images"] == 4
-    a, b = (onnx.load(str(r.path)) for r in (first, again))
-    scale = lambda m: {n.input[0]: numpy_helper.to_array(_inits(m)[n.input[1]]).item()  # noqa: E731
-                       for n in m.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in _inits(m)}
-    sa, sb = scale(a), scale(b)
-    assert set(sa) == set(sb) and all(sa[t] == pytest.approx(sb[t], rel=1e-6) for t in sa)
+    assert _activation_scales(onnx.load(str(again.path))) == pytest.approx(scales, rel=1e-6)
+
+
+def test_modelopt_per_node_calibration_when_asked(fp32_path, calib, tmp_path, monkeypatch):
+    """calibration.per_node hands calibration to modelopt's per-node mode (its scales are then cached)."""
+    import modelopt.onnx.quantization as mq
+
+    _forbid_calibration(monkeypatch)  # modelopt calibrates itself
+    real, seen = mq.quantize, {}
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        # Per-node calibration is modelopt's (slow on a loaded CPU); here only that it is asked for is checked.
+        return real(*args, **{**kwargs, "calibrate_per_node": False})
+
+    monkeypatch.setattr(mq, "quantize", spy)
+    per_node = CalibrationSet(calib.records, calib.spec, "train", calib.dataset_root, "max", 0, per_node=True)
+    cache = tmp_path / "ranges.json"
+    result = QuantizeOnnx(fp32_path, tmp_path / "a.onnx", per_node, "modelopt", ranges_cache=cache)()
+    assert seen["calibrate_per_node"] is True and "calibration_cache_path" not in seen
+    assert result.calibration["source"] == "modelopt" and result.qdq["QuantizeLinear"] > 20
+    assert json.loads(cache.read_text())["extra"] == {"per_node": True}
 
 
 def _inits(model: onnx.ModelProto) -> dict:
