@@ -5,13 +5,15 @@
 
 Configurations: ONNX Runtime u8s8 with MinMax, entropy and percentile ranges, the symmetric TensorRT-shaped fallback,
 and modelopt (Q/DQ placement by modelopt, ranges from deploy.ranges; --per-node adds modelopt's own per-node
-calibration). Each measurement is one quantization as deploy.build runs it (deploy.quantize.QuantizeOnnx: calibration, then
-Q/DQ insertion with the head outputs in float) in a fresh subprocess, so peaks never carry over; the peak is the
-larger of the worker's own ru_maxrss and the parent's psutil polling of the worker's process tree. The network is
-the pipelines.yaml model (untrained, no pretrained download: memory and time do not depend on the weights) exported
-at --size px; the images are synthetic scenes (runtime.data.synthetic) drawn at that size. Smallest counts run first;
-after the first two counts the remaining time is extrapolated per configuration and printed. --estimate measures
-1 and 3 images per configuration and prints what the whole sweep would take without running it.
+calibration). Each measurement is one quantization as deploy.build runs it (deploy.quantize.QuantizeOnnx:
+calibration, then Q/DQ insertion with the head outputs in float) in a fresh subprocess, so peaks never carry over;
+the peak is the larger of the worker's own ru_maxrss and the parent's psutil polling of the worker's process tree,
+and the worker's CPU time is recorded too. The network is the pipelines.yaml model (untrained, no pretrained
+download: memory and time do not depend on the weights) exported at --size px; the images are synthetic scenes
+(runtime.data.synthetic) drawn at that size. Smallest counts run first; after the first two counts the remaining
+time is extrapolated per configuration and printed. --estimate measures 1 and 3 images per configuration and
+prints what the whole sweep would take without running it: at the current load, and at most on an idle machine
+(from CPU time, which other processes cannot stretch).
 
 Targets (issue 13): peak < 6 GB at 256 images and < 20 % growth from 32 to 256 images, for every quantizer.
 """
@@ -97,9 +99,9 @@ def worker(onnx_path: Path, image_dir: Path, count: int, quantizer: str, method:
         start = time.perf_counter()
         out = QuantizeOnnx(onnx_path, Path(tmp) / "int8.onnx", calib, quantizer)()
         wall = time.perf_counter() - start
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    write_json_atomic(result, {"wall_s": wall, "peak_rss_mib_self": max(own, children),
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    write_json_atomic(result, {"wall_s": wall, "peak_rss_mib_self": max(u.ru_maxrss for u in usage) / 1024,  # KiB
+                               "cpu_s": sum(u.ru_utime + u.ru_stime for u in usage),
                                "calibration": out.calibration, "quantizer_used": out.quantizer})
 
 
@@ -142,7 +144,8 @@ def measure(onnx_path: Path, image_dir: Path, count: int, config: str, per_node:
         data = json.loads(result.read_text())
     return {"config": config + (":per-node" if per_node else ""), "quantizer": quantizer, "method": method,
             "per_node": per_node, "images": count, "wall_s": round(data["wall_s"], 2),
-            "process_s": round(elapsed, 2), "peak_rss_mib": round(max(data["peak_rss_mib_self"], polled[0]), 1),
+            "process_s": round(elapsed, 2), "cpu_s": round(data["cpu_s"], 2),
+            "peak_rss_mib": round(max(data["peak_rss_mib_self"], polled[0]), 1),
             "peak_rss_mib_polled": round(polled[0], 1), "calibration": data["calibration"],
             "quantizer_used": data["quantizer_used"]}
 
@@ -158,11 +161,13 @@ def linear_fit(points: list[tuple[int, float]]) -> tuple[float, float]:
     return max(mean_y - slope * mean_x, 0.0), slope
 
 
-def estimate_s(rows: list[dict[str, Any]], configs: Sequence[str], counts: Sequence[int]) -> float:
-    """Seconds the not-yet-measured (config, count) pairs should take, extrapolated per configuration."""
+def estimate_s(rows: list[dict[str, Any]], configs: Sequence[str], counts: Sequence[int],
+               key: str = "process_s") -> float:
+    """Seconds the not-yet-measured (config, count) pairs should take, extrapolated per configuration from
+    ``key``: process_s (wall time as measured) or cpu_s (CPU time: an idle machine's wall time is at most that)."""
     total = 0.0
     for config in configs:
-        points = [(r["images"], r["process_s"]) for r in rows if r["config"] == config]
+        points = [(r["images"], r[key]) for r in rows if r["config"] == config]
         if not points:
             continue
         fixed, per_image = linear_fit(points)
@@ -275,16 +280,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if index == 1 and not args.estimate and len(probe_counts) > 2:
             say(f"estimated time for the remaining counts: {estimate_s(rows, configs, counts) / 60:.0f} min")
     if args.estimate:
-        minutes = estimate_s(rows, configs, counts) / 60
         say(f"estimated sweep over {counts} images x {len(configs)} configurations at {args.size} px: "
-            f"{minutes:.0f} min on this machine ({os.cpu_count()} CPUs, load average now "
-            f"{os.getloadavg()[0]:.1f}: other work on the machine stretches it)")
+            f"{estimate_s(rows, configs, counts) / 60:.0f} min at this machine's current load (load average "
+            f"{os.getloadavg()[0]:.1f}, {os.cpu_count()} CPUs); at most "
+            f"{estimate_s(rows, configs, counts, 'cpu_s') / 60:.0f} min when it is idle (the CPU time it needs)")
     result = {"benchmark": "calibration_cost", "model": args.model, "size": args.size, "classes": args.classes,
               "counts": probe_counts, "estimate_only": args.estimate, "load_average_at_end": os.getloadavg(),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_facts(),
               "backend": "ONNX Runtime CPU (calibration sessions)", "precision": "INT8 Q/DQ", "rows": rows,
               "summary": [] if args.estimate else summarize(rows, counts),
               "estimated_sweep_s": round(estimate_s(rows, configs, counts), 1) if args.estimate else None,
+              "estimated_sweep_cpu_s": round(estimate_s(rows, configs, counts, "cpu_s"), 1) if args.estimate else None,
               "targets": {"peak_rss_mib": PEAK_LIMIT_MIB, "growth": GROWTH_LIMIT}}
     print_table(result, Console())
     write_json_atomic(args.json, result)

@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.html import Bullets, Code, Document, Heading, Image, Para, Table
-from benchmarks.results import UNTRAINED, Results, Row
+from benchmarks.results import UNTRAINED, Results, Row, headline_pair, story_order
 
 FIGURE_TITLES = {
     "pareto": "Latency vs AP50 (Pareto front)",
@@ -43,8 +43,27 @@ def headline_row(r: Row) -> list[str]:
 
 
 def headline_table(results: Results) -> Table:
-    """The teacher / student / INT8 table with the context caption."""
-    return Table(headline_headers(), [headline_row(r) for r in results.rows], results.context.caption())
+    """The teacher / student / INT8 table with the context caption, in the report's story order."""
+    return Table(headline_headers(), [headline_row(r) for r in story_order(results.rows)], results.context.caption())
+
+
+def story(results: Results) -> str | None:
+    """The sentence the report leads with: the INT8 DS2D2 student against the FP32 teacher — speed-up, AP50 kept —
+    then the no-KD student of the same precision (None when the pair was not measured)."""
+    pair = headline_pair(results.rows)
+    if pair is None:
+        return None
+    teacher, student = pair
+    text = f"The {student.precision.upper()} {student.name} runs {fmt(student.speedup_vs_teacher, '.1f', suffix='x')} " \
+           f"faster than the FP32 teacher end to end ({fmt(student.mean_ms, '.1f')} vs {fmt(teacher.mean_ms, '.1f')} ms)"
+    if teacher.AP50 and student.AP50 is not None:
+        text += f" and keeps {fmt(student.AP50 / teacher.AP50, '.0f', 100, '%')} of its AP50 " \
+                f"({fmt(student.AP50, '.1f', 100)} vs {fmt(teacher.AP50, '.1f', 100)})"
+    none = results.row("student", student.precision, "none")
+    if none is not None and none.AP50 is not None and student.AP50 is not None:
+        text += f"; the same student trained without distillation reaches {fmt(none.AP50, '.1f', 100)} AP50 " \
+                f"({fmt(100 * (student.AP50 - none.AP50), '+.1f')} points for DS2D2)"
+    return text + "."
 
 
 def kd_comparison(results: Results) -> dict[str, Any]:
@@ -89,7 +108,12 @@ def build_document(results: Results, out_dir: Path, title: str | None = None) ->
     if ctx.latency_only:
         doc.add(Para(f"Rows marked '{UNTRAINED}' time randomly initialised networks of the pipeline's exact "
                      "architecture: their latency is real, they have no accuracy.", note=True))
-    doc.add(Heading("Teacher vs student"), headline_table(results))
+    lead = story(results)
+    if lead is not None:
+        doc.add(Heading("Teacher FP32 vs DS2D2 student INT8"), Para(lead),
+                Table(headline_headers(), [headline_row(r) for r in headline_pair(results.rows)],
+                      results.context.caption()))
+    doc.add(Heading("All measured models" if lead is not None else "Teacher vs student"), headline_table(results))
     kd = kd_table(results)
     if kd is not None:
         doc.add(Heading("DS2D2 vs no distillation"), kd)

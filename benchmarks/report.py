@@ -26,10 +26,10 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks import plots
-from benchmarks.document import build_document, fmt, kd_comparison
+from benchmarks.document import build_document, fmt, kd_comparison, story
 from benchmarks.html import render_html, render_markdown
 from benchmarks.measure import Variant, measure_variants, scene_detections
-from benchmarks.results import Context, Results, fill_relative, write_results, write_text_atomic
+from benchmarks.results import Context, Results, fill_relative, story_order, write_results, write_text_atomic
 from runtime.backends.select import BACKENDS, bundle_precisions
 from runtime.cli import add_debug_flag, run_cli
 from runtime.config import Pipeline, ProjectConfig, add_config_args, load_config
@@ -86,18 +86,12 @@ class Model:
 
 def _deploy(opts: ReportOptions, pipe: Pipeline, role: str, checkpoint: Path, out: Path,
             extra: Sequence[str] = ()) -> None:
-    """Build or reuse one bundle through deploy.build (its own CLI entry point, in this process)."""
-    from deploy.build import main as deploy_main
+    """Build or reuse one bundle through deploy.build's typed API (deploy.build.build_bundles)."""
+    from deploy.build import BuildRequest, build_bundles
 
-    argv = ["--target", opts.target, "--pipeline", pipe.name, "--model", role, "--checkpoint", str(checkpoint),
-            "--out", str(out)]
-    if opts.config:
-        argv += ["--config", str(opts.config)]
-    for item in [*opts.overrides, *extra]:
-        argv += ["--set", item]
-    if opts.latency_only:
-        argv += ["--calib-images", str(opts.calib_images)]
-    deploy_main(argv)
+    build_bundles(BuildRequest(target=opts.target, pipeline=pipe.name, model=role, checkpoint=checkpoint, out=out,
+                               calib_images=opts.calib_images if opts.latency_only else None, config=opts.config,
+                               overrides=(*opts.overrides, *extra)))
 
 
 def _size_of(checkpoint: Path) -> tuple[int | None, float | None]:
@@ -303,7 +297,10 @@ def print_headline(results: Results, console: Console | None = None) -> None:
             "ΔAP50", "speed-up")
     for col in cols:
         table.add_column(col, justify="left" if col == "model" else "right")
-    for r in results.rows:
+    lead = story(results)
+    if lead is not None:
+        console.print(f"[bold]{lead}[/]")
+    for r in story_order(results.rows):
         table.add_row(r.label, fmt(r.params, ".2f", 1e-6), fmt(r.gflops, ".2f"),
                       fmt(r.file_mb, ".1f"), fmt(r.mean_ms, ".1f"), fmt(r.p50_ms, ".1f"), fmt(r.p99_ms, ".1f"),
                       fmt(r.throughput_ips, ".1f"), fmt(r.AP, ".1f", 100), fmt(r.AP50, ".1f", 100),

@@ -118,6 +118,31 @@ class Results:
                    data.get("steps", []))
 
 
+def story_order(rows: list[Row], method: str = "ds2d2") -> list[Row]:
+    """Rows in the order the report tells them: the FP32 teacher, the INT8 student of `method` (the pair a user came
+    for), then the no-KD student (INT8 before FP32), then the other INT8 rows, then everything else."""
+    def rank(r: Row) -> tuple[int, int]:
+        precision = {"int8": 0, "fp16": 1, "fp32": 2}.get(r.precision, 3)
+        if r.role == "teacher" and r.precision == "fp32":
+            return 0, 0
+        if r.role == "student" and r.method == method and r.precision == "int8":
+            return 1, 0
+        if r.role == "student" and r.method == "none":
+            return 2, precision
+        return (3, 0) if r.precision == "int8" else (4, precision)
+
+    return sorted(rows, key=rank)  # stable: measurement order breaks ties
+
+
+def headline_pair(rows: list[Row], method: str = "ds2d2") -> tuple[Row, Row] | None:
+    """(FP32 teacher, the student of `method` in INT8 — else its fastest precision), or None if either is missing."""
+    teacher = next((r for r in rows if r.role == "teacher" and r.precision == "fp32"), None)
+    students = [r for r in rows if r.role == "student" and r.method in (method, None)]
+    student = next((r for r in students if r.precision == "int8"), None) or \
+        min(students, key=lambda r: r.mean_ms or float("inf"), default=None)
+    return (teacher, student) if teacher is not None and student is not None else None
+
+
 def fill_relative(rows: list[Row]) -> None:
     """Set AP50 change and speed-up of every row relative to the FP32 teacher (when it was measured)."""
     teacher = next((r for r in rows if r.role == "teacher" and r.precision == "fp32"), None)

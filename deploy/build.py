@@ -90,15 +90,20 @@ def _anchor_spec(model: Any, input_size: int) -> Any:
     import torch
     from torchvision.models.detection.image_list import ImageList
 
-    from runtime.anchors import RETINANET_STRIDES, AnchorSpec, generate_anchors
+    from runtime.anchors import AnchorSpec, generate_anchors
 
     gen = model.anchor_generator
-    spec = AnchorSpec(sizes=tuple(tuple(float(s) for s in level) for level in gen.sizes),
-                      aspect_ratios=tuple(float(r) for r in gen.aspect_ratios[0]), strides=RETINANET_STRIDES,
-                      rounded=type(gen).__name__ != "UnroundedAnchorGenerator")
     with torch.no_grad():
         probe = torch.zeros(1, 3, input_size, input_size)
         feats = list(model.backbone(probe).values())
+    # Nominal strides 2^l: the finest level's from its size (ceil(S / stride) cells), then doubling per level
+    # (coarse levels of a small input are too few cells to tell their stride).
+    finest = int(round(np.log2(input_size / feats[0].shape[-1])))
+    strides = tuple(2 ** (finest + i) for i in range(len(feats)))
+    spec = AnchorSpec(sizes=tuple(tuple(float(s) for s in level) for level in gen.sizes),
+                      aspect_ratios=tuple(float(r) for r in gen.aspect_ratios[0]), strides=strides,
+                      rounded=type(gen).__name__ != "UnroundedAnchorGenerator")
+    with torch.no_grad():
         ours = gen(ImageList(probe, [(input_size, input_size)]), feats)[0].numpy()
     theirs, _ = generate_anchors(spec, (input_size, input_size))
     if ours.shape != theirs.shape or not np.allclose(ours, theirs, atol=1e-3):
@@ -256,6 +261,49 @@ def _tensorrt(bundle: BundleWriter, plan: Any, opts: Options, calib: Any, fp32_p
     return note, engine_info
 
 
+@dataclass(frozen=True)
+class BuildRequest:
+    """What to build: the typed form of the command line (benchmarks and other tools call build_bundles with it)."""
+
+    target: str
+    pipeline: str | None = None
+    model: str = "student"  # 'student' | 'teacher' | 'both'
+    checkpoint: Path | None = None
+    precision: str | None = None  # default: the target's
+    calib_images: int | None = None  # default: calibration.images of the pipeline (unset there: 500 or the split)
+    nms: str = "host"
+    work_dir: Path | None = None
+    out: Path | None = None
+    config: Path | None = None
+    overrides: tuple[str, ...] = ()
+
+
+def build_bundles(request: BuildRequest, console: Console | None = None) -> list[dict[str, Any]]:
+    """Build (or reuse) the requested bundles; returns one summary row per role (bundle path, AP50s, status)."""
+    console = console or Console(stderr=True)
+    cfg = load_config(request.config, list(request.overrides), pipeline=request.pipeline)
+    pipe = cfg.pipeline(request.pipeline)
+    target = cfg.target(request.target)
+    precision = request.precision or target.precision
+    if target.runtime == "onnxruntime" and precision == "fp16":
+        raise UserError(f"target '{request.target}' runs ONNX Runtime on the CPU: fp32 or int8", where="--precision")
+    roles = ("student", "teacher") if request.model == "both" else (request.model,)
+    if request.checkpoint is not None and len(roles) > 1:
+        raise UserError("--checkpoint names one model, --model both needs two", where="--checkpoint",
+                        fix="build them one at a time with --model student / --model teacher")
+    size = target.input_size or pipe.input_size
+    if size % 32:
+        raise UserError(f"input size {size} is not a multiple of 32", where=f"targets.{request.target}.input_size")
+    base = request.out or cfg.path(cfg.artifacts_dir) / pipe.name / request.target
+    rows = []
+    for role in roles:
+        opts = Options(request.target, role, precision, request.calib_images, request.nms, size)
+        ckpt = request.checkpoint or checkpoint_path(pipe, role, request.work_dir)
+        out = base / role if len(roles) > 1 else base
+        rows.append(build_role(pipe, target, opts, Path(ckpt), Path(out), console))
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Build deploy bundles for the given target."""
     parser = argparse.ArgumentParser(prog="python -m deploy.build", description=__doc__.splitlines()[0])
@@ -270,36 +318,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="default: calibration.images of the pipeline (unset there: 500, or all the split has)")
     parser.add_argument("--nms", choices=NMS_CHOICES, default="host",
                         help="host: numpy/OpenCV post-processing (default); onnx-nms: decoding + ONNX "
-                        "NonMaxSuppression in the graph; efficient-nms-trt: decoding + TensorRT's EfficientNMS_TRT plugin; graph: the "
-                        "in-graph one the target's runtime runs")
+                        "NonMaxSuppression in the graph; efficient-nms-trt: decoding + TensorRT's EfficientNMS_TRT "
+                        "plugin; graph: the in-graph one the target's runtime runs")
     parser.add_argument("--work-dir", type=Path, default=None, help="where distill.run wrote checkpoints")
     parser.add_argument("--out", type=Path, default=None,
                         help="bundle directory (default artifacts/<pipeline>/<target>, + /<role> with --model both)")
     add_config_args(parser, with_pipeline=False)
     add_debug_flag(parser)
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides, pipeline=args.pipeline)
-    pipe = cfg.pipeline(args.pipeline)
-    target = cfg.target(args.target)
-    precision = args.precision or target.precision
-    if target.runtime == "onnxruntime" and precision == "fp16":
-        raise UserError(f"target '{args.target}' runs ONNX Runtime on the CPU: fp32 or int8", where="--precision")
-    roles = ("student", "teacher") if args.model == "both" else (args.model,)
-    if args.checkpoint is not None and len(roles) > 1:
-        raise UserError("--checkpoint names one model, --model both needs two", where="--checkpoint",
-                        fix="build them one at a time with --model student / --model teacher")
-    size = target.input_size or pipe.input_size
-    if size % 32:
-        raise UserError(f"input size {size} is not a multiple of 32", where=f"targets.{args.target}.input_size")
-    base = args.out or cfg.path(cfg.artifacts_dir) / pipe.name / args.target
+    request = BuildRequest(target=args.target, pipeline=args.pipeline, model=args.model, checkpoint=args.checkpoint,
+                           precision=args.precision, calib_images=args.calib_images, nms=args.nms,
+                           work_dir=args.work_dir, out=args.out, config=args.config, overrides=tuple(args.overrides))
     console = Console(stderr=True)
-    rows = []
-    for role in roles:
-        opts = Options(args.target, role, precision, args.calib_images, args.nms, size)
-        ckpt = args.checkpoint or checkpoint_path(pipe, role, args.work_dir)
-        out = base / role if len(roles) > 1 else base
-        rows.append(build_role(pipe, target, opts, Path(ckpt), Path(out), console))
-    _print_summary(console, rows)
+    _print_summary(console, build_bundles(request, console))
     return 0
 
 

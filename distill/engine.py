@@ -1,9 +1,10 @@
 """One training epoch and one evaluation pass, in plain PyTorch (the shape of torchvision's detection engine).
 
 `train_one_epoch` runs forward (AMP on CUDA), checks the loss is finite on every rank, backward through the
-GradScaler, clips, steps optimiser and per-iteration scheduler, and hands each step's loss terms to a callback
-(logging, checkpointing). `evaluate` runs the detector in eval mode and scores its detections, mapped back to the
-original image pixels, with runtime.metrics against runtime.data.coco.to_coco_dict of the split.
+GradScaler, checks the unscaled gradients are finite on every rank, clips, steps optimiser and per-iteration scheduler,
+and hands each step's loss terms (and the gradient norm) to a callback (logging, checkpointing). `evaluate` runs the
+detector in eval mode and scores its detections, mapped back to the original image pixels, with runtime.metrics
+against runtime.data.coco.to_coco_dict of the split.
 """
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ from runtime.records import DetectionSet
 
 # (iteration index within the epoch, 1-based; loss terms averaged over ranks; batch) -> None
 StepCallback = Callable[[int, dict[str, float], Batch], None]
+# Under AMP an overflowing loss scale gives inf gradients now and then; GradScaler skips those steps and halves the
+# scale. After this many skips in a row (the scale is then ~2^-34) the gradients are non-finite for real: stop.
+MAX_SKIPPED_STEPS = 50
 
 
 def _short(name: str) -> str:
@@ -42,6 +46,15 @@ def non_finite_error(losses: dict[str, float], batch: Batch) -> UserError:
                      "and check these images' boxes; last.pt still holds the last good state (--resume)")
 
 
+def non_finite_grad_error(norm: float, losses: dict[str, float], batch: Batch) -> UserError:
+    """The error that stops a run whose loss is finite but whose gradients are not (clipping would spread NaN)."""
+    files = ", ".join(str(p) for p in batch.paths)
+    terms = ", ".join(f"{k}={v:.4g}" for k, v in losses.items())
+    return UserError(f"gradients are not finite (norm {norm}) although the loss is ({terms}), on the batch of {files}",
+                     where="training", fix="a loss term has an infinite slope here (e.g. sqrt or log at 0): lower the "
+                     "learning rate or the KD weights; last.pt still holds the last good state (--resume)")
+
+
 def train_one_epoch(task: nn.Module, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                     batches: Iterable[Batch], device: torch.device, *, scaler: torch.amp.GradScaler,
                     amp: bool = False, clip_grad: float | None = None, start_iteration: int = 0, total: int | None = None,
@@ -49,8 +62,11 @@ def train_one_epoch(task: nn.Module, optimizer: torch.optim.Optimizer, scheduler
     """Train ``task`` (a module returning a dict of weighted loss terms) for the given batches.
 
     ``start_iteration`` batches of this epoch were already done (resume); numbering continues from there.
-    A non-finite total loss on any rank stops every rank with a UserError before the weights change.
+    A non-finite total loss, or a finite loss with non-finite gradients, on any rank stops every rank with a UserError
+    before the weights change (under AMP, GradScaler's occasional overflow skips are allowed, up to
+    MAX_SKIPPED_STEPS in a row).
     """
+    skipped = 0
     task.train()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     bar = tqdm(batches, total=total, initial=start_iteration, desc=desc, leave=False, dynamic_ncols=True,
@@ -67,14 +83,23 @@ def train_one_epoch(task: nn.Module, optimizer: torch.optim.Optimizer, scheduler
 
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        if clip_grad is not None:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
-            torch.nn.utils.clip_grad_norm_(params, clip_grad)
+        scaler.unscale_(optimizer)  # check and clip the true gradients, not the loss-scaled ones (no-op without AMP)
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=device)
+        # DDP has all-reduced the gradients, but a rank may still differ (e.g. a task computing its own): all agree.
+        if all_true(bool(torch.isfinite(norm)), info, device):
+            skipped = 0
+            if clip_grad is not None:
+                torch.nn.utils.clip_grads_with_norm_(params, clip_grad, norm)
+        elif scaler.is_enabled() and skipped < MAX_SKIPPED_STEPS:
+            skipped += 1  # scaler.step() below sees the inf and skips the update, scaler.update() lowers the scale
+        else:
+            raise non_finite_grad_error(float(norm), local, batch)
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
 
-        logged = mean_over_ranks(local, info, device)
+        logged = mean_over_ranks(local | {"grad_norm": float(norm)}, info, device)
         bar.set_postfix({_short(k): f"{v:.3f}" for k, v in logged.items()}, refresh=False)
         if on_step is not None:
             on_step(iteration, logged, batch)

@@ -25,16 +25,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m distill.run",
         description="Train a DS2D2 pipeline: teacher -> high-frequency amplifier -> student, then a summary table.",
-        epilog="Writes <work_dir>/<pipeline>/{teacher,amplifier,student-<method>}/ (last.pt, best.pt, model.pt, "
-               "log.jsonl, metrics.json) and summary.json. Several processes: torchrun --nproc_per_node=N -m "
-               "distill.run ...")
+        epilog="Writes <work_dir>/<pipeline>/{teacher,amplifier,student-<method>}/ (last.pt, model.pt, log.jsonl, "
+               "metrics.json; best.pt when the dataset has a val split, which then selects model.pt; without one "
+               "model.pt is the final epoch: the test split never selects) and summary.json. Several processes: "
+               "torchrun --nproc_per_node=N -m distill.run ...")
     add_config_args(parser)
     parser.add_argument("--stage", default="all", choices=("teacher", "amplifier", "student", "all"),
                         help="run one stage only (default: all, skipping up-to-date stages)")
     parser.add_argument("--teacher", type=Path, default=None, metavar="PATH",
                         help="use this teacher model.pt instead of training the teacher stage")
     parser.add_argument("--method", choices=METHODS, default=None,
-                        help="distillation method of the student stage (default: the pipeline's distill.method)")
+                        help="distillation method of the student stage (default: the pipeline's distill.method); "
+                        "baselines: none (no KD), fitnet, pkd, fgd, each with its own weights in distill.<method>")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="training device (default: cuda when available)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted stage from its last.pt")

@@ -1,15 +1,16 @@
 """The three DS2D2 stages (teacher -> amplifier -> student) for one pipeline, with reuse of finished stages.
 
-Each stage writes into ``<work_dir>/<pipeline>/{teacher,amplifier,student-<method>}/``. A stage is skipped when its
-``model.pt`` is finished and carries the hash of everything that affects that stage: the relevant config sections
-plus the sha256 of the upstream checkpoints it was trained from (so a retrained teacher retrains what depends on it).
-Nothing here depends on the detector architecture: models come from build_detector, tasks from build_task.
+Each stage writes into ``<work_dir>/<pipeline>/{teacher,amplifier,student-<method>[-seed<N>]}/``. A stage is skipped
+when its ``model.pt`` is finished and carries the hash of everything that affects that stage: the relevant config
+sections, the version of the stage's recipe, plus the sha256 of the upstream checkpoints it was trained from (so a
+retrained teacher retrains what depends on it). Nothing here depends on the detector architecture: models come from
+build_detector, tasks from build_task.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,35 +21,44 @@ from distill.checkpoint import file_sha256, load_checkpoint, load_detector, thre
 from distill.data import DetectionDataset, ensure_dataset
 from distill.distributed import DistInfo, barrier
 from distill.trainer import StageTrainer, seed_everything
-from runtime.config import Pipeline
+from runtime.config import DISTILL_METHODS, Pipeline
 from runtime.errors import UserError
 from runtime.records import DetectionSet
 
 STAGES = ("teacher", "amplifier", "student")
-METHODS = ("ds2d2", "none", "fitnet", "pkd")
+METHODS = DISTILL_METHODS  # ds2d2, none, fitnet, pkd, fgd
+# Bumped when what a stage computes changes for the same config, so finished stages of the old recipe are retrained.
+# 2: model.pt selected on the val split or the final epoch, never on test; the Faster R-CNN amplifier trains RPN +
+# RoI head on hf(F); DISW over the inclusive cell range; the Faster R-CNN KL term summed over the sampled RoIs.
+RECIPE = {"teacher": 2, "amplifier": 2, "student": 2}
+# The part of the distill section each student method depends on.
+METHOD_CONFIG = {"ds2d2": ("weights", "explicit_norm", "adapter", "temperature"),
+                 "fitnet": ("fitnet", "explicit_norm", "adapter"), "pkd": ("pkd", "adapter"), "fgd": ("fgd", "adapter"),
+                 "none": ()}
 
 
-def stage_dir(pipe: Pipeline, stage: str, method: str | None = None, work_dir: Path | str | None = None) -> Path:
-    """``<work_dir>/<pipeline>/teacher``, ``.../amplifier`` or ``.../student-<method>`` (the one place for this layout)."""
+def stage_dir(pipe: Pipeline, stage: str, method: str | None = None, work_dir: Path | str | None = None,
+              seed: int | None = None) -> Path:
+    """``<work_dir>/<pipeline>/teacher``, ``.../amplifier``, ``.../student-<method>``, or
+    ``.../student-<method>-seed<N>`` for one of several student seeds (the one place for this layout)."""
     base = (Path(work_dir) / pipe.name) if work_dir else pipe.work_dir
-    return base / (f"student-{method}" if stage == "student" else stage)
+    if stage != "student":
+        return base / stage
+    return base / (f"student-{method}" + (f"-seed{seed}" if seed is not None else ""))
 
 
 def stage_config(config: dict[str, Any], stage: str, method: str, upstream: dict[str, str]) -> dict[str, Any]:
     """The parts of the resolved pipeline (``Pipeline.as_dict()``) that affect ``stage``, plus upstream sha256s."""
     part = {key: config[key] for key in ("dataset", "input_size", "test")} | {"stage": stage}
     part["schedule"] = config["schedule"][stage]
+    part["recipe"] = RECIPE[stage]
     if stage == "teacher":
         return part | {"model": config["teacher"]}
     if stage == "amplifier":
         return part | {"amplifier": config["amplifier"], "teacher": upstream["teacher"]}
-    part |= {"model": config["student"], "method": method}
-    distill = config["distill"]
-    if method == "ds2d2":
-        part |= {"distill": {k: distill[k] for k in ("weights", "adapter", "temperature")},
-                 "teacher": upstream["teacher"], "amplifier": upstream["amplifier"]}
-    elif method in ("fitnet", "pkd"):
-        part |= {"distill": {k: distill[k] for k in ("adapter", "baseline_weight")}, "teacher": upstream["teacher"]}
+    part |= {"model": config["student"], "method": method, **upstream}
+    if method != "none":
+        part["distill"] = {k: config["distill"][k] for k in METHOD_CONFIG[method]}
     return part
 
 
@@ -67,17 +77,6 @@ def finished_hash(path: Path) -> str | None:
     except UserError:
         return None
     return ckpt.get("config_hash") if ckpt.get("finished") else None
-
-
-def kd_weights(pipe: Pipeline) -> Any:
-    """distill.tasks.KDWeights from the pipeline's distill section (baselines use baseline_weight)."""
-    from distill.tasks import KDWeights
-
-    w, d = pipe.distill.weights, pipe.distill
-    values = {"explicit_low": w.explicit_low, "explicit_high": w.explicit_high, "implicit_full": w.implicit_full,
-              "implicit_high": w.implicit_high, "fitnet": d.baseline_weight, "pkd": d.baseline_weight,
-              "temperature": d.temperature}
-    return KDWeights(**{f.name: values[f.name] for f in fields(KDWeights) if f.name in values})
 
 
 def plan(stage: str, method: str, teacher_path: Path | None) -> list[str]:
@@ -106,8 +105,11 @@ class PipelineRunner:
     """Runs the stages of one pipeline on one device (one rank of a torchrun job)."""
 
     def __init__(self, pipe: Pipeline, device: torch.device, info: DistInfo = DistInfo(), resume: bool = False,
-                 teacher_path: Path | None = None, console: Console | None = None):
+                 teacher_path: Path | None = None, console: Console | None = None, per_seed_students: bool = False):
+        """`per_seed_students`: students go to ``student-<method>-seed<N>`` (N = schedule.student.seed), so runs of
+        several seeds sit side by side (benchmarks.kd_compare); teacher and amplifier are shared."""
         self.pipe, self.device, self.info, self.resume = pipe, device, info, resume
+        self.per_seed_students = per_seed_students
         self.teacher_path = Path(teacher_path) if teacher_path else None
         self.config = pipe.as_dict()
         self.console = console or Console(stderr=True, quiet=not info.is_main)
@@ -126,14 +128,16 @@ class PipelineRunner:
             self._splits[name] = load_dataset(cfg.format, root, name, classes=cfg.classes)
         return self._splits[name]
 
-    def datasets(self, stage: str) -> tuple[DetectionDataset, DetectionDataset, DetectionDataset | None]:
-        """(train with flips, eval split for best.pt: val if the dataset has one else test, test or None if same)."""
+    def datasets(self, stage: str) -> tuple[DetectionDataset, DetectionDataset | None, DetectionDataset]:
+        """(train with flips, the val split that selects model.pt or None, the test split that scores it).
+
+        Without a val split the final epoch is the model (the reference's protocol); the test split never selects.
+        """
         cfg, size, sched = self.pipe.dataset, self.pipe.input_size, self.pipe.schedule
         seed = getattr(sched, stage).seed
         train = DetectionDataset(self.split(cfg.train_split), size, getattr(sched, stage).augment_flip, seed)
-        evalset = DetectionDataset(self.split(cfg.val_split or cfg.test_split), size)
-        test = DetectionDataset(self.split(cfg.test_split), size) if cfg.val_split else None
-        return train, evalset, test
+        select = DetectionDataset(self.split(cfg.val_split), size) if cfg.val_split else None
+        return train, select, DetectionDataset(self.split(cfg.test_split), size)
 
     # -- paths and hashes -------------------------------------------------------------------------------------
     def teacher_checkpoint(self) -> Path:
@@ -168,9 +172,14 @@ class PipelineRunner:
             raise UserError(f"unknown method {method!r}", where="--method", fix=f"use one of {', '.join(METHODS)}")
         return [self.run_stage(stage, method) for stage in stages]
 
+    def student_dir(self, method: str) -> Path:
+        """Where this runner's student of ``method`` goes."""
+        seed = self.pipe.schedule.student.seed if self.per_seed_students else None
+        return stage_dir(self.pipe, "student", method, seed=seed)
+
     def run_stage(self, stage: str, method: str) -> StageOutcome:
         """Train one stage unless its finished model.pt has the same config hash."""
-        directory = stage_dir(self.pipe, stage, method)
+        directory = self.student_dir(method) if stage == "student" else stage_dir(self.pipe, stage)
         upstream = self.upstream(stage, method)
         chash = config_hash(stage_config(self.config, stage, method, upstream))
         label = f"student ({method})" if stage == "student" else stage
@@ -194,10 +203,10 @@ class PipelineRunner:
         return teacher, meta
 
     def _fit(self, task, stage: str, directory: Path, meta: dict[str, Any]) -> None:
-        train, evalset, test = self.datasets(stage)
+        train, select, test = self.datasets(stage)
         trainer = StageTrainer(task, getattr(self.pipe.schedule, stage), directory, meta, self.device, self.info,
                                self.pipe.input_size)
-        trainer.fit(train, evalset, test, resume=self.resume)
+        trainer.fit(train, select, test, resume=self.resume)
 
     def _train_teacher(self, directory: Path, method: str, upstream: dict, chash: str) -> None:
         from distill.models import build_detector
@@ -239,7 +248,7 @@ class PipelineRunner:
         student = build_detector(self.pipe.student, len(classes), self.pipe.input_size,
                                  **thresholds_from_config(self.config))
         task = build_task("student", model=student, teacher=teacher, amplifier=amplifier, method=method,
-                          weights=kd_weights(self.pipe), adapter=self.pipe.distill.adapter)
+                          distill=self.pipe.distill)
         meta = self.meta("student", method, self.pipe.student.model_dump(mode="json"), len(classes), classes,
                          upstream, chash)
         self._fit(task, "student", directory, meta)

@@ -1,9 +1,14 @@
-"""The stage trainer: optimiser, warm-up + step schedule, epochs, evaluation, best/last checkpoints, exact resume.
+"""The stage trainer: optimiser, warm-up + step schedule, epochs, model selection, last/best checkpoints, exact resume.
 
 Any stage (teacher, amplifier, student; RetinaNet or Faster R-CNN) is trained the same way: the task module returns
 its weighted loss terms, `task.model` is the network the stage produces. Files in the stage directory:
-`last.pt` (model checkpoint + full resume state, every quarter epoch and at each epoch end), `best.pt` (best eval),
-`model.pt` (the finished checkpoint: best if evaluated, else last), `log.jsonl`, `metrics.json`.
+`last.pt` (model checkpoint + full resume state, every quarter epoch and at each epoch end), `best.pt` (only with a
+val split: best val AP50 so far), `model.pt` (the finished checkpoint), `log.jsonl`, `metrics.json`.
+
+Selection protocol: the split that scores model.pt (test) never selects it. With a val split, model.pt is the epoch
+with the best val AP50 (evaluated every `eval_every` epochs and at the end); without one it is the final epoch, as
+the DS2D2 reference reports epoch_24. The test split is evaluated once, after model.pt is fixed. metrics.json says
+which split selected (`selection`) and which scored (`metrics.split`).
 
 Exact resume: the sample order and flips depend only on (seed, epoch, index) and every RNG state is saved, so a run
 killed mid-epoch and resumed with `--resume` skips the batches already done and ends with the same weights.
@@ -31,7 +36,7 @@ from runtime.config import StageSchedule
 from runtime.atomic import write_json_atomic
 from runtime.errors import UserError
 
-BEST_METRIC = "AP50"  # the paper's headline number selects best.pt
+BEST_METRIC = "AP50"  # the paper's headline number selects best.pt on the val split
 CHECKPOINTS_PER_EPOCH = 4  # last.pt every max(1, iterations_per_epoch // 4) iterations, and at every epoch end
 
 
@@ -202,9 +207,13 @@ class StageTrainer:
         return self._elapsed_before + (time.monotonic() - self._started)
 
     # -- the loop ---------------------------------------------------------------------------------------------
-    def fit(self, train: DetectionDataset, evalset: DetectionDataset, test: DetectionDataset | None = None,
+    def fit(self, train: DetectionDataset, select: DetectionDataset | None, test: DetectionDataset,
             resume: bool = False) -> StageResult:
-        """Train for the schedule's epochs (continuing from last.pt when ``resume``), evaluate, write model.pt."""
+        """Train for the schedule's epochs (continuing from last.pt when ``resume``), select on ``select`` (the val
+        split; None: the final epoch), score the selected model once on ``test``, write model.pt."""
+        if select is not None and select.set.name == test.set.name:
+            raise UserError(f"the split {test.set.name!r} would both select and score the model", where="dataset",
+                            fix="set a val_split different from test_split, or none (the final epoch is then kept)")
         sched, info = self.schedule, self.info
         if self.device.type == "cpu":
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -236,13 +245,13 @@ class StageTrainer:
             for epoch in range(self.state.epoch, sched.epochs):
                 self._train_epoch(model, train, epoch, optimizer, scheduler, scaler)
                 self.state.epoch, self.state.iteration = epoch + 1, 0
-                if (epoch + 1) % sched.eval_every == 0 or epoch + 1 == sched.epochs:
-                    self._evaluate_epoch(evalset, epoch + 1)
+                if select is not None and ((epoch + 1) % sched.eval_every == 0 or epoch + 1 == sched.epochs):
+                    self._evaluate_epoch(select, epoch + 1)
                 self._save_last(optimizer, scheduler, scaler)
         except UserError as exc:
             self.log.write({"event": "error", "step": self.state.step, "message": exc.line()})
             raise
-        return self._finish(evalset, test)
+        return self._finish(select, test)
 
     def _train_epoch(self, model, train: DetectionDataset, epoch: int, optimizer, scheduler, scaler) -> None:
         sched = self.schedule
@@ -292,40 +301,45 @@ class StageTrainer:
             save_checkpoint(self.dir / "best.pt", model_payload(self.meta, self.task.model, self.state.best_metrics,
                                                                 False, epoch=epoch))
 
-    def _finish(self, evalset: DetectionDataset, test: DetectionDataset | None) -> StageResult:
-        """Load best.pt, score it on the test split (unless that is the eval split), write model.pt + metrics.json."""
+    def _finish(self, select: DetectionDataset | None, test: DetectionDataset) -> StageResult:
+        """Fix model.pt (best on val, else the final epoch), score it once on the test split, write model.pt and
+        metrics.json."""
         from distill.models import count_parameters, gflops
 
         barrier(self.info)  # best.pt is written by rank 0
-        best = load_checkpoint(self.dir / "best.pt", map_location=self.device)
-        self.task.model.load_state_dict(best["state_dict"])
-        if test is None or test is evalset:
-            test, metrics = evalset, self.state.best_metrics.get("eval") or best["metrics"]["eval"]
+        if select is not None:
+            best = load_checkpoint(self.dir / "best.pt", map_location=self.device)
+            self.task.model.load_state_dict(best["state_dict"])
+            selection = {"rule": f"best {BEST_METRIC} on {select.set.name}", "split": select.set.name,
+                         "metric": BEST_METRIC, "epoch": int(best.get("epoch", 0))}
         else:
-            metrics = self._run_eval(test, f"{self.name} test")
+            selection = {"rule": "final epoch", "split": None, "metric": None, "epoch": self.schedule.epochs}
+        metrics = self._run_eval(test, f"{self.name} test")
         elapsed = self._elapsed()
         if not self.info.is_main:
             barrier(self.info)
             return StageResult(self.dir, {}, {})
         run = {"params": count_parameters(self.task.model), "gflops": gflops(self.task.model, self.input_size),
-               "wall_time_s": round(elapsed, 2), "device": _device_name(self.device),
-               "threads": torch.get_num_threads(), "world_size": self.info.world_size,
-               "epochs": self.schedule.epochs, "steps": self.state.step, "best_epoch": int(best.get("epoch", 0)),
-               "selected_on": f"{BEST_METRIC} of {evalset.set.name}"}
+               "wall_time_s": round(elapsed, 2), "device": device_name(self.device),
+               "threads": torch.get_num_threads(), "world_size": self.info.world_size, "seed": self.schedule.seed,
+               "epochs": self.schedule.epochs, "steps": self.state.step, "best_epoch": selection["epoch"],
+               "selected_on": selection["split"], "scored_on": test.set.name}
         flat = {k: v for k, v in metrics.items() if isinstance(v, float)} | {"split": test.set.name}
-        full = {**flat, "per_class_AP50": metrics.get("per_class_AP50", {}), "eval": self.state.best_metrics}
+        full = {**flat, "per_class_AP50": metrics.get("per_class_AP50", {}), "selection": selection,
+                "eval": self.state.best_metrics}
         model_pt = save_checkpoint(self.dir / "model.pt", model_payload(self.meta, self.task.model, full, True, run=run))
         record = {"stage": self.meta.get("role"), "method": self.meta.get("method"),
                   "pipeline": self.meta.get("config", {}).get("name"), "config_hash": self.meta["config_hash"],
                   "checkpoint": {"file": model_pt.name, "sha256": file_sha256(model_pt)},
-                  "metrics": flat, "run": run, "eval": self.state.best_metrics}
+                  "metrics": flat, "selection": selection, "run": run, "eval": self.state.best_metrics}
         write_json_atomic(self.dir / "metrics.json", record)
         self.log.write({"event": "finished", "step": self.state.step, **flat})
         barrier(self.info)
         return StageResult(self.dir, flat, run)
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
+    """The GPU's name on CUDA, else 'cpu'."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return "cpu"

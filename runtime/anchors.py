@@ -13,12 +13,31 @@ from functools import lru_cache
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-RETINANET_STRIDES = (8, 16, 32, 64, 128)
+RETINANET_STRIDES = (8, 16, 32, 64, 128)  # P3..P7
+RPN_STRIDES = (4, 8, 16, 32, 64)  # Faster R-CNN P2..P6
+DEFAULT_LEVELS = {"retinanet": (3, 7), "faster_rcnn": (2, 6)}  # (finest, coarsest) FPN level P_l, stride 2^l
+
+
+def level_strides(arch: str, levels: tuple[int, int] | list[int] | None = None) -> tuple[int, ...]:
+    """Strides 2^l of the FPN levels P_min..P_max of a detector (default: the arch's reference levels)."""
+    if arch not in DEFAULT_LEVELS:
+        raise ValueError(f"no anchors for arch {arch!r}; known: {sorted(DEFAULT_LEVELS)}")
+    low, high = levels or DEFAULT_LEVELS[arch]
+    return tuple(2**level for level in range(low, high + 1))
 
 
 def retinanet_default_sizes() -> tuple[tuple[int, ...], ...]:
     """torchvision's RetinaNet sizes: (x, int(x * 2^(1/3)), int(x * 2^(2/3))) for x in 32..512 (int truncates)."""
     return tuple((x, int(x * 2 ** (1.0 / 3)), int(x * 2 ** (2.0 / 3))) for x in (32, 64, 128, 256, 512))
+
+
+def reference_sizes(arch: str, levels: tuple[int, int] | list[int] | None = None) -> tuple[tuple[float, ...], ...]:
+    """The DS2D2 reference's anchor sizes per level: RetinaNet 4 x stride x 2^(i/3) (i = 0, 1, 2, MMDetection's
+    octave_base_scale 4, 3 scales per octave); the Faster R-CNN RPN one size 8 x stride."""
+    strides = level_strides(arch, levels)
+    if arch == "retinanet":
+        return tuple(tuple(4 * s * 2 ** (i / 3) for i in range(3)) for s in strides)
+    return tuple((8.0 * s,) for s in strides)
 
 
 class AnchorSpec(BaseModel):
@@ -45,6 +64,16 @@ class AnchorSpec(BaseModel):
     def num_anchors_per_location(self) -> int:
         """Anchors per feature-map cell (the head's A)."""
         return len(self.sizes[0]) * len(self.aspect_ratios)
+
+
+def anchor_spec_for(arch: str, anchors=None, levels: tuple[int, int] | list[int] | None = None) -> AnchorSpec:
+    """The AnchorSpec of a detector: its ModelSpec's `anchors` (sizes per level, aspect ratios) or the reference's,
+    on its FPN levels (`fpn_levels`, default the arch's)."""
+    strides = level_strides(arch, levels)
+    if anchors is None:
+        return AnchorSpec(sizes=reference_sizes(arch, levels), aspect_ratios=(0.5, 1.0, 2.0), strides=strides)
+    return AnchorSpec(sizes=tuple(tuple(float(x) for x in level) for level in anchors.sizes),
+                      aspect_ratios=tuple(float(r) for r in anchors.aspect_ratios), strides=strides)
 
 
 def cell_anchors(sizes: tuple[float, ...], aspect_ratios: tuple[float, ...], rounded: bool = True) -> np.ndarray:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -26,8 +26,42 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
 
 
+class AnchorConfig(Strict):
+    """Anchor boxes of a detector (RetinaNet, or the RPN of Faster R-CNN), in network-input pixels.
+
+    `sizes` has one list per FPN level, finest first (RetinaNet P3-P7, Faster R-CNN P2-P6), each with the same number
+    of sizes; `aspect_ratios` are height / width. Fit them to the objects with `python -m runtime.data stats`.
+    """
+
+    sizes: list[list[float]] = Field(min_length=1)
+    aspect_ratios: list[float] = Field([0.5, 1.0, 2.0], min_length=1)
+
+    @model_validator(mode="after")
+    def _same_count_per_level(self) -> AnchorConfig:
+        if any(len(level) != len(self.sizes[0]) or not level for level in self.sizes):
+            raise ValueError("every level needs the same (non-zero) number of sizes: the head predicts a fixed count")
+        if min(min(level) for level in self.sizes) <= 0 or min(self.aspect_ratios) <= 0:
+            raise ValueError("anchor sizes and aspect ratios must be positive")
+        return self
+
+
+class AssignConfig(Strict):
+    """IoU thresholds of the anchor-to-object assignment: foreground >= fg_iou, background < bg_iou, in between
+    ignored; every object also keeps its best anchor (low-quality match). Applies to RetinaNet's head and to the RPN
+    of Faster R-CNN (reference: 0.5 / 0.4 and 0.7 / 0.3)."""
+
+    fg_iou: float = Field(gt=0, le=1)
+    bg_iou: float = Field(gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AssignConfig:
+        if self.bg_iou > self.fg_iou:
+            raise ValueError(f"bg_iou ({self.bg_iou}) must not exceed fg_iou ({self.fg_iou})")
+        return self
+
+
 class ModelSpec(Strict):
-    """A detector: architecture, backbone, FPN width, head depth, initialisation and normalisation."""
+    """A detector: architecture, backbone, FPN width, head depth, anchors, initialisation and normalisation."""
 
     arch: Literal["retinanet", "faster_rcnn"]
     backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnext101_64x4d"]
@@ -37,6 +71,28 @@ class ModelSpec(Strict):
     norm: Literal["frozen_bn", "bn"] = "frozen_bn"
     roi_fc_width: int = Field(1024, gt=0)  # Faster R-CNN: width of the two shared FCs of the RoI box head
     mmdet_compat: bool = False  # set by distill.import_mmdet: reproduce MMDetection's conventions exactly
+    anchors: AnchorConfig | None = None  # None: the reference's (RetinaNet 4 x stride x 2^(i/3); RPN 8 x stride)
+    assign: AssignConfig | None = None  # None: the reference's thresholds
+    box_loss: Literal["l1", "smooth_l1", "giou", "diou", "ciou"] = "l1"  # RetinaNet's regression loss (reference: l1)
+    head_norm: Literal["none", "gn"] = "none"  # RetinaNet head convs: no norm (reference) or GroupNorm
+    # RetinaNet's FPN levels [finest, coarsest] (P_l has stride 2^l): reference [3, 7]; [2, 6] adds the stride-4
+    # level that objects of ~10 px need. Faster R-CNN is fixed at P2-P6.
+    fpn_levels: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _levels_and_anchors(self) -> ModelSpec:
+        from runtime.anchors import DEFAULT_LEVELS  # lazy: keeps this module's imports light
+
+        low, high = self.fpn_levels or DEFAULT_LEVELS[self.arch]
+        if self.fpn_levels is not None and self.arch != "retinanet" and tuple(self.fpn_levels) != (2, 6):
+            raise ValueError("fpn_levels is a RetinaNet setting (Faster R-CNN uses P2-P6)")
+        if not (2 <= low <= 3 and 6 <= high <= 7):
+            raise ValueError(f"fpn_levels must run from P2 or P3 to P6 or P7, got [{low}, {high}]")
+        levels = high - low + 1
+        if self.anchors is not None and len(self.anchors.sizes) != levels:
+            raise ValueError(f"anchors.sizes has {len(self.anchors.sizes)} levels, {self.arch} has {levels} "
+                             f"(finest first: P{low}-P{high})")
+        return self
 
 
 class AmplifierSpec(Strict):
@@ -75,22 +131,68 @@ class ScheduleConfig(Strict):
 
 
 class DistillWeights(Strict):
-    """The four DS2D2 loss weights (explicit low/high band, implicit full/high-frequency amplifier)."""
+    """The DS2D2 loss weights: explicit low/high band, implicit full/high-frequency amplifier.
+
+    As in the reference, one implicit weight scales both the cls and the box term of its amplifier; `implicit_*_box`
+    (optional) give the box term its own weight when the two terms live on very different scales.
+    """
 
     explicit_low: float = Field(ge=0)
     explicit_high: float = Field(ge=0)
     implicit_full: float = Field(ge=0)
     implicit_high: float = Field(ge=0)
+    implicit_full_box: float | None = Field(None, ge=0)  # None: implicit_full
+    implicit_high_box: float | None = Field(None, ge=0)  # None: implicit_high
+
+    def implicit(self, amplifier: Literal["full", "high"]) -> tuple[float, float]:
+        """(cls weight, box weight) of the 'full' or 'high' amplifier's implicit terms."""
+        cls = getattr(self, f"implicit_{amplifier}")
+        box = getattr(self, f"implicit_{amplifier}_box")
+        return cls, cls if box is None else box
+
+
+class FitNetConfig(Strict):
+    """FitNet: MSE between adapted student and teacher FPN maps (normalised like DS2D2's explicit terms)."""
+
+    weight: float = Field(1.0, ge=0)
+
+
+class PKDConfig(Strict):
+    """PKD (Pearson correlation) on the listed FPN levels; weight None = mmrazor's (RetinaNet 10, Faster R-CNN 6)."""
+
+    weight: float | None = Field(None, ge=0)
+    levels: list[int] = [0, 1, 2, 3]
+
+
+class FGDConfig(Strict):
+    """FGD (focal and global distillation); defaults: mmrazor's RetinaNet setting. levels None = every FPN level."""
+
+    model_config = ConfigDict(populate_by_name=True)
+    temperature: float = Field(0.5, gt=0)
+    alpha: float = Field(1e-3, ge=0)  # foreground feature loss
+    beta: float = Field(5e-4, ge=0)  # background feature loss
+    gamma: float = Field(5e-4, ge=0)  # attention (mask) loss
+    lambda_: float = Field(5e-6, ge=0, alias="lambda")  # global relation loss
+    levels: list[int] | None = None
+
+
+DistillMethod = Literal["ds2d2", "none", "fitnet", "pkd", "fgd"]
+DISTILL_METHODS: tuple[str, ...] = get_args(DistillMethod)
 
 
 class DistillConfig(Strict):
-    """Distillation method and its weights."""
+    """Distillation method, DS2D2's weights, and each baseline's own setting."""
 
-    method: Literal["ds2d2", "none", "fitnet", "pkd"] = "ds2d2"
+    method: DistillMethod = "ds2d2"
     weights: DistillWeights
+    # raw: the reference's MSE on Haar coefficients; teacher_energy: each level's term divided by the detached mean
+    # square of the teacher's band, so the weights do not depend on the feature scale (FitNet follows the same rule)
+    explicit_norm: Literal["raw", "teacher_energy"] = "raw"
     adapter: Literal["shared", "per_level"] = "shared"
-    baseline_weight: float = Field(1.0, ge=0)
     temperature: float = Field(3.0, gt=0)
+    fitnet: FitNetConfig = FitNetConfig()
+    pkd: PKDConfig = PKDConfig()
+    fgd: FGDConfig = FGDConfig()
 
 
 class TestConfig(Strict):

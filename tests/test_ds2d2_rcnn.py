@@ -11,9 +11,8 @@ import torch
 from torchvision.ops import MultiScaleRoIAlign
 
 from conftest import tiny_config
-from distill.checkpoint import build_from_meta, load_checkpoint, load_detector
+from distill.checkpoint import build_from_meta, file_sha256, load_checkpoint, load_detector
 from distill.ds2d2.haar import high_frequency
-from distill.ds2d2.implicit_rcnn import HighFrequencyRoIPool, rcnn_kd_terms
 from distill.models import build_detector
 from distill.models.faster_rcnn import rcnn_train_step
 from distill.models.mmdet_variant import AlignedMultiScaleRoIAlign, UnroundedAnchorGenerator
@@ -103,29 +102,12 @@ def test_labels_are_zero_based_in_and_out():
 
 
 # -- implicit stream -------------------------------------------------------------------------------------------------
-def test_kd_terms_formula_on_a_hand_sized_example():
-    s_cls = torch.tensor([[0.0, 1.0, 2.0], [1.0, 0.0, -1.0]])
-    t_cls = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 0.5]])
-    s_box, t_box = torch.zeros(2, 12), torch.zeros(2, 12)
-    t_box[0, 4:8] = torch.tensor([1.0, 2.0, 3.0, 4.0])  # RoI 0: teacher prefers class 1 (column 1)
-    t_box[1, 8:12] = 2.0  # RoI 1: teacher prefers class 2 among the foreground classes
-    cls, box = rcnn_kd_terms(s_cls, s_box, t_cls, t_box, temperature=3.0)
-    p_t, p_s = (t_cls / 3).softmax(1), (s_cls / 3).softmax(1)
-    expected_cls = 0.5 * 9 * (p_t * (p_t.log() - p_s.log())).sum(1).mean()
-    w = t_cls.softmax(1)
-    w0, w1 = w[0, 1], w[1, 2]
-    expected_box = (w0 * 10.0 + w1 * 8.0) / (4 * (w0 + w1))
-    assert cls.item() == pytest.approx(expected_cls.item(), rel=1e-5)
-    assert box.item() == pytest.approx(expected_box.item(), rel=1e-5)
-    zero_cls, zero_box = rcnn_kd_terms(t_cls, t_box, t_cls, t_box)
-    assert abs(zero_cls.item()) < 1e-6 and zero_box.item() == 0
-
-
 KD_TERMS = {
     "ds2d2": {"kd_explicit_low", "kd_explicit_high", "kd_implicit_full_cls", "kd_implicit_full_box",
               "kd_implicit_high_cls", "kd_implicit_high_box"},
     "fitnet": {"kd_fitnet"},
     "pkd": {"kd_pkd"},
+    "fgd": {"kd_fgd_fg", "kd_fgd_bg", "kd_fgd_attention", "kd_fgd_global"},
 }
 
 
@@ -136,7 +118,7 @@ def task_for(method, student, teacher, amplifier):
     return DistillTask(student, teacher, amplifier.roi_heads, method, adapter=adapter).train()
 
 
-@pytest.mark.parametrize("method", ["ds2d2", "fitnet", "pkd"])
+@pytest.mark.parametrize("method", ["ds2d2", "fitnet", "pkd", "fgd"])
 def test_kd_terms_vanish_for_identical_student_and_are_positive_otherwise(method, teacher_and_amplifier):
     teacher, amplifier = teacher_and_amplifier
     images, targets = batch()
@@ -144,7 +126,7 @@ def test_kd_terms_vanish_for_identical_student_and_are_positive_otherwise(method
     losses = same(images, targets)
     assert KD_TERMS[method] <= set(losses) and {"loss_classifier", "loss_box_reg", "loss_objectness"} <= set(losses)
     for name in KD_TERMS[method]:
-        assert abs(losses[name].item()) < 1e-6, name
+        assert abs(losses[name].item()) < 1e-4, name  # the KL sums float32 rounding over ~1000 RoIs
     other = task_for(method, detector(seed=2), teacher, amplifier)
     for name in KD_TERMS[method]:
         assert other(images, targets)[name].item() > 1e-6, name
@@ -162,35 +144,42 @@ def test_gradients_reach_student_and_adapter_never_teacher_or_amplifier(student_
     task.zero_grad(set_to_none=True)
     sum(task(*batch()).values()).backward()
     assert all(p.grad is not None for p in [*task.adapter.parameters(), *student.backbone.fpn.parameters()])
-    assert all(p.grad is None and not p.requires_grad for p in [*teacher.parameters(), *amplifier.parameters()])
+    # stage 3 uses the amplifier's RoI heads only (its RPN is not part of the task and gets no gradient either)
+    assert all(p.grad is None and not p.requires_grad for p in [*teacher.parameters(),
+                                                                *amplifier.roi_heads.parameters()])
+    assert all(p.grad is None for p in amplifier.parameters())
     assert not teacher.training and not amplifier.roi_heads.training
     assert {id(p) for p in task.trainable_parameters()} == {
         id(p) for p in [*student.parameters(), *task.adapter.parameters()]}
 
 
 # -- stage 2 ---------------------------------------------------------------------------------------------------------
-def test_amplifier_trains_only_a_roi_head_on_high_frequency_features():
+def test_amplifier_trains_an_rpn_and_a_roi_head_on_high_frequency_features():
+    """As the reference's DS2D2_FasterRCNN_Amplifier: backbone + FPN frozen, RPN and RoI head trained on hf(F)."""
     teacher = detector(seed=4)
     task = AmplifierTask(teacher).train()
-    assert not teacher.backbone.training and not task.model.rpn.frozen.training
+    assert not teacher.backbone.training and not task.model.backbone.frozen.training
     trainable = {n for n, p in task.model.named_parameters() if p.requires_grad}
-    assert trainable and all(n.startswith("roi_heads.") for n in trainable)
+    assert {n.split(".")[0] for n in trainable} == {"rpn", "roi_heads"}
+    assert any(n.startswith("rpn.head.") for n in trainable)
     losses = task(*batch())
-    assert set(losses) == {"loss_classifier", "loss_box_reg"}  # the RPN is frozen: no RPN loss
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
     sum(losses.values()).backward()
-    assert all(p.grad is None for p in [*teacher.backbone.parameters(), *teacher.rpn.parameters()])
-    pool = task.model.roi_heads.box_roi_pool
-    assert isinstance(pool, HighFrequencyRoIPool)
-    feats = teacher.backbone(torch.rand(1, 3, SIZE, SIZE))
-    boxes = [torch.tensor([[2.0, 3.0, 30.0, 40.0]])]
-    hf = {k: high_frequency(v) for k, v in feats.items()}
-    expected = teacher.roi_heads.box_roi_pool(hf, boxes, [(SIZE, SIZE)])
-    torch.testing.assert_close(pool(feats, boxes, [(SIZE, SIZE)]), expected)
-    # starts as the teacher's head (the reference) unless asked for a fresh one
-    fc6 = teacher.roi_heads.box_head.fc6.weight
-    assert torch.equal(task.model.roi_heads.box_head.fc6.weight.detach(), fc6)
+    assert all(p.grad is None for p in teacher.parameters())  # the teacher's own RPN and heads are untouched copies
+    assert all(p.grad is not None for p in task.model.rpn.head.parameters())
+    # both heads see hf(F): the stage-2 backbone's maps are the teacher's maps through high_frequency
+    images = torch.rand(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        feats, hf_feats = teacher.backbone(images), task.model.backbone(images)
+    assert list(hf_feats) == list(feats)
+    for name in feats:
+        torch.testing.assert_close(hf_feats[name], high_frequency(feats[name]))
+    # starts as the teacher's RPN and RoI head (the reference loads teacher.pth) unless asked for fresh ones
+    assert torch.equal(task.model.roi_heads.box_head.fc6.weight.detach(), teacher.roi_heads.box_head.fc6.weight)
+    assert torch.equal(task.model.rpn.head.cls_logits.weight.detach(), teacher.rpn.head.cls_logits.weight)
     fresh = build_task("amplifier", teacher=detector(seed=4), init_from_teacher=False).model
-    assert not torch.equal(fresh.roi_heads.box_head.fc6.weight, fc6)
+    assert not torch.equal(fresh.roi_heads.box_head.fc6.weight, teacher.roi_heads.box_head.fc6.weight)
+    assert not torch.equal(fresh.rpn.head.cls_logits.weight, teacher.rpn.head.cls_logits.weight)
 
 
 def test_amplifier_checkpoint_rebuilds_from_metadata():
@@ -207,23 +196,41 @@ def test_amplifier_checkpoint_rebuilds_from_metadata():
 
 
 # -- all stages on CPU -----------------------------------------------------------------------------------------------
-def test_all_stages_and_baselines_run_on_cpu(tmp_path):
-    """The demo_faster_rcnn path on the tiny config: teacher -> amplifier -> DS2D2 student, then none/fitnet/pkd."""
+@pytest.fixture(scope="module")
+def rcnn_chain(tmp_path_factory):
+    """The demo_faster_rcnn path on the tiny config: teacher -> amplifier -> DS2D2 student, from one command."""
     from distill.run import main
 
+    tmp_path = tmp_path_factory.mktemp("rcnn_chain")
     config = tiny_config(tmp_path, arch="faster_rcnn")
     assert main(["tiny", "--config", str(config), "--device", "cpu"]) == 0
-    for method in ("none", "fitnet", "pkd"):
-        assert main(["tiny", "--config", str(config), "--device", "cpu", "--stage", "student",
-                     "--method", method]) == 0
-    runs = tmp_path / "runs" / "tiny"
+    return config, tmp_path / "runs" / "tiny"
+
+
+@pytest.mark.slow
+def test_all_stages_run_on_cpu(rcnn_chain):
+    _, runs = rcnn_chain
     summary = json.loads((runs / "summary.json").read_text())
-    stages = {(e["stage"], e.get("method")) for e in summary["entries"]}
-    assert {("teacher", None), ("amplifier", None)} <= stages
-    assert {("student", m) for m in ("ds2d2", "none", "fitnet", "pkd")} <= stages
+    stages = [(e["stage"], e.get("method")) for e in summary["entries"]]
+    assert stages[:3] == [("teacher", None), ("amplifier", None), ("student", "ds2d2")]
     student, meta = load_detector(runs / "student-ds2d2" / "model.pt")
     fresh = build_detector(Spec(fpn_width=16, norm="bn", roi_fc_width=None), 3, 64)
     assert student.state_dict().keys() == fresh.state_dict().keys()  # no teacher / amplifier / adapter weights
-    assert meta["method"] == "ds2d2" and load_checkpoint(runs / "amplifier" / "model.pt")["role"] == "amplifier"
+    amplifier = load_checkpoint(runs / "amplifier" / "model.pt")
+    assert meta["method"] == "ds2d2" and amplifier["role"] == "amplifier"
+    assert any(k.startswith("rpn.head.") for k in amplifier["state_dict"])  # stage 2 trained its own RPN
     with torch.no_grad():
         assert len(student(list(torch.rand(2, 3, 64, 64)))) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["none", "fitnet", "pkd", "fgd"])
+def test_every_baseline_trains_against_the_same_teacher(rcnn_chain, method):
+    from distill.run import main
+
+    config, runs = rcnn_chain
+    assert main(["tiny", "--config", str(config), "--device", "cpu", "--stage", "student", "--method", method]) == 0
+    summary = json.loads((runs / "summary.json").read_text())
+    assert ("student", method) in {(e["stage"], e.get("method")) for e in summary["entries"]}
+    ckpt = load_checkpoint(runs / f"student-{method}" / "model.pt")
+    assert ckpt["inputs"] == ({} if method == "none" else {"teacher": file_sha256(runs / "teacher" / "model.pt")})

@@ -9,7 +9,7 @@ from torchvision.models.detection.image_list import ImageList
 from distill.ds2d2.implicit_retina import ImplicitStream
 from distill.models import build_detector
 from distill.models.retinanet import features_and_head
-from distill.tasks import AmplifierTask, DistillTask, KDWeights, build_task, make_adapter
+from distill.tasks import AmplifierTask, DistillTask, build_task, default_distill, make_adapter
 
 SIZE = 64
 
@@ -61,6 +61,7 @@ KD_TERMS = {
               "kd_implicit_high_cls", "kd_implicit_high_box"},
     "fitnet": {"kd_fitnet"},
     "pkd": {"kd_pkd"},
+    "fgd": {"kd_fgd_fg", "kd_fgd_bg", "kd_fgd_attention", "kd_fgd_global"},
 }
 
 
@@ -71,7 +72,7 @@ def task_for(method, student, teacher, amplifier, identity=False):
     return DistillTask(student, teacher, amplifier.head, method, adapter=adapter).train()
 
 
-@pytest.mark.parametrize("method", ["ds2d2", "fitnet", "pkd"])
+@pytest.mark.parametrize("method", ["ds2d2", "fitnet", "pkd", "fgd"])
 def test_kd_terms_vanish_for_identical_student_and_are_positive_otherwise(method, teacher_and_amplifier):
     teacher, amplifier = teacher_and_amplifier
     images, targets = batch()
@@ -105,7 +106,7 @@ def test_gradients_reach_student_and_adapter_never_teacher_or_amplifier(student_
         id(p) for p in [*student.parameters(), *task.adapter.parameters()]}
 
 
-@pytest.mark.parametrize("method", ["ds2d2", "fitnet", "pkd"])
+@pytest.mark.parametrize("method", ["ds2d2", "fitnet", "pkd", "fgd"])
 @pytest.mark.parametrize("mode", ["shared", "per_level"])
 def test_mismatched_widths_train(method, mode, teacher_and_amplifier):
     teacher, amplifier = teacher_and_amplifier
@@ -115,12 +116,13 @@ def test_mismatched_widths_train(method, mode, teacher_and_amplifier):
     task = build_task("student", model=student, teacher=wide_teacher, amplifier=wide_amplifier, method=method,
                       adapter=mode)
     assert task.adapter.convs[0].weight.shape[:2] == (64, 32)
-    assert len(task.adapter.convs) == (1 if mode == "shared" else 5)
+    assert len(task.adapter.convs) == (1 if mode == "shared" else len(task.levels))  # PKD: levels 0-3 only
     losses = task.train()(*batch())
     assert KD_TERMS[method] <= set(losses) and all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     assert student.head.classification_head.cls_logits.weight.grad is not None
     assert all(p.grad is None for p in wide_teacher.parameters())
+    assert all(p.grad is not None for p in task.adapter.parameters())  # no unused adapter conv (DDP would hang)
 
 
 def test_student_checkpoint_holds_the_student_only(teacher_and_amplifier):
@@ -181,7 +183,7 @@ def test_amplifier_head_can_start_fresh_instead_of_from_the_teacher():
 
 def test_ignored_anchors_carry_no_cls_kd_and_box_kd_does_not_need_labels(teacher_and_amplifier):
     teacher, amplifier = teacher_and_amplifier
-    stream = ImplicitStream(teacher, amplifier.head, KDWeights())
+    stream = ImplicitStream(teacher, amplifier.head, default_distill())
     torch.manual_seed(0)
     shapes = [(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)]  # P3..P7 of a 64 px image
     student = [torch.randn(1, 32, h, w) for h, w in shapes]

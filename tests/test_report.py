@@ -117,7 +117,8 @@ def test_distill_cost_tiny(tmp_path: Path) -> None:
     assert {"plain student step (no KD)", "DS2D2 student step", "DS2D2 all terms, fwd+bwd"} <= set(steps)
     assert all(s["mean_ms"] > 0 and s["iters"] == 1 for s in steps.values())
     assert [d["boxes_per_image"] for d in data["disw"]] == [10, 100, 1000]
-    assert all(d["max_abs_diff"] < 1e-5 for d in data["disw"])  # the vectorised DISW equals the per-box loop
+    # the vectorised DISW equals the per-box loop up to float32 summation (1000 boxes on the 4x4 grid: weights ~100)
+    assert all(d["max_abs_diff"] < 1e-3 for d in data["disw"])
     assert data["machine"]["cpu_model"] and data["tiny"]
 
 

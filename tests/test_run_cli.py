@@ -45,7 +45,8 @@ def test_one_command_trains_teacher_amplifier_and_student(chain):
     _, runs = chain
     for stage in ("teacher", "amplifier", "student-ds2d2"):
         names = {p.name for p in (runs / stage).iterdir()}
-        assert {"last.pt", "best.pt", "model.pt", "log.jsonl", "metrics.json"} <= names, stage
+        # no val split in the tiny set: model.pt is the final epoch, nothing is selected, no best.pt
+        assert names == {"last.pt", "model.pt", "log.jsonl", "metrics.json"}, stage
     summary = json.loads((runs / "summary.json").read_text())
     assert summary["pipeline"] == "tiny"
     assert [(e["stage"], e["method"]) for e in summary["entries"]] == [
@@ -53,7 +54,8 @@ def test_one_command_trains_teacher_amplifier_and_student(chain):
     for entry in summary["entries"]:
         assert 0 <= entry["AP50"] <= 1 and entry["AP_s"] is not None
         assert entry["params"] > 1e6 and entry["gflops"] > 0 and entry["wall_time_s"] > 0
-        assert entry["device"] == "cpu" and entry["split"].endswith("test")
+        assert entry["device"] == "cpu" and entry["split"].endswith("test") and entry["scored_on"] == entry["split"]
+        assert entry["selection"] == "final epoch" and entry["selected_on"] is None
     student_log = [json.loads(line) for line in (runs / "student-ds2d2" / "log.jsonl").read_text().splitlines()]
     terms = set(next(r for r in student_log if r["event"] == "train"))
     assert {"classification", "bbox_regression", "loss"} <= terms
@@ -107,6 +109,21 @@ def test_a_changed_student_setting_retrains_only_the_student(chain):
     assert after["amplifier/model.pt"] == before["amplifier/model.pt"]
     assert after["student-ds2d2/model.pt"] != before["student-ds2d2/model.pt"]
     assert torch.load(runs / "student-ds2d2" / "model.pt", weights_only=True, mmap=True)["config_hash"] != old_hash
+
+
+@pytest.mark.parametrize("method", ["pkd", "fgd"])
+def test_every_baseline_trains_from_the_cli_against_the_same_teacher(chain, method):
+    cfg, runs = chain
+    assert main(["tiny", "--config", str(cfg), "--device", "cpu", "--stage", "student", "--method", method]) == 0
+    ckpt = torch.load(runs / f"student-{method}" / "model.pt", weights_only=True)
+    assert ckpt["inputs"] == {"teacher": file_sha256(runs / "teacher" / "model.pt")}
+    fresh = build_detector(load_config(cfg).pipeline("tiny").student, 3, 64)
+    assert set(ckpt["state_dict"]) == set(fresh.state_dict())  # FGD's GcBlocks and the adapter stay out
+    last = torch.load(runs / f"student-{method}" / "last.pt", weights_only=True)
+    assert set(last["resume"]["modules"]) == ({"adapter", "fgd"} if method == "fgd" else {"adapter"})
+    log = [json.loads(line) for line in (runs / f"student-{method}" / "log.jsonl").read_text().splitlines()]
+    terms = set(next(r for r in log if r["event"] == "train"))
+    assert ({"kd_fgd_fg", "kd_fgd_bg", "kd_fgd_attention", "kd_fgd_global"} if method == "fgd" else {"kd_pkd"}) <= terms
 
 
 def test_teacher_flag_trains_a_baseline_student_from_a_given_teacher(chain, tmp_path):

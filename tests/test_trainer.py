@@ -80,18 +80,33 @@ def _square_image(tmp_path, box):
     return DetectionSet("one", ("a", "b"), [rec])
 
 
-@pytest.mark.parametrize("epoch", range(6))
-def test_flips_move_the_boxes_with_the_pixels(tmp_path, epoch):
+def test_flips_happen_and_move_the_boxes_with_the_pixels(tmp_path):
     ds = DetectionDataset(_square_image(tmp_path, (10, 5, 30, 20)), input_size=64, augment_flip=True, seed=1)
-    ds.set_epoch(epoch)
-    sample = ds[0]
-    assert sample.image.shape == (3, 64, 64) and sample.image.dtype == torch.float32
-    x1, y1, x2, y2 = sample.target["boxes"][0].round().int().tolist()
-    inside = sample.image[:, y1 + 1:y2 - 1, x1 + 1:x2 - 1]
-    assert inside.min() > 0.9 and sample.image.mean() < 0.2  # box follows the bright square
-    assert sample.target["labels"].tolist() == [1]
-    again = ds[0]
-    assert torch.equal(again.image, sample.image)  # a pure function of (seed, epoch, index)
+    plain = DetectionDataset(ds.set, input_size=64)[0].target["boxes"][0]
+    seen = set()
+    for epoch in range(8):
+        ds.set_epoch(epoch)
+        sample = ds[0]
+        assert sample.image.shape == (3, 64, 64) and sample.image.dtype == torch.float32
+        box = sample.target["boxes"][0]
+        x1, y1, x2, y2 = box.round().int().tolist()
+        inside = sample.image[:, y1 + 1:y2 - 1, x1 + 1:x2 - 1]
+        assert inside.min() > 0.9 and sample.image.mean() < 0.2  # box follows the bright square
+        assert sample.target["labels"].tolist() == [1]
+        assert torch.equal(ds[0].image, sample.image)  # a pure function of (seed, epoch, index)
+        horizontal = not torch.isclose(box[0], plain[0])
+        vertical = not torch.isclose(box[1], plain[1])
+        if horizontal:
+            torch.testing.assert_close(box[[0, 2]], 64 - plain[[2, 0]])
+        if vertical:
+            torch.testing.assert_close(box[[1, 3]], 64 - plain[[3, 1]])
+        seen.add((horizontal, vertical))
+    # over 8 epochs the image was flipped both ways and left alone (the draws are fixed by the seed)
+    assert any(h for h, _ in seen) and any(v for _, v in seen) and (False, False) in seen, seen
+    unflipped = DetectionDataset(ds.set, input_size=64, augment_flip=False, seed=1)
+    for epoch in range(8):
+        unflipped.set_epoch(epoch)
+        torch.testing.assert_close(unflipped[0].target["boxes"][0], plain)  # augment_flip: false never flips
 
 
 def test_difficult_objects_are_not_training_targets(tmp_path):
@@ -106,26 +121,26 @@ def test_difficult_objects_are_not_training_targets(tmp_path):
 def _teacher_trainer(cfg_path, epochs=1):
     pipe = load_config(cfg_path, [f"schedule.teacher.epochs={epochs}"]).pipeline("tiny")
     runner = PipelineRunner(pipe, torch.device("cpu"))
-    train, evalset, test = runner.datasets("teacher")
+    train, select, test = runner.datasets("teacher")
     torch.manual_seed(0)
     model = build_detector(pipe.teacher, len(train.set.classes), pipe.input_size)
     meta = runner.meta("teacher", None, pipe.teacher.model_dump(), len(train.set.classes), list(train.set.classes),
                        {}, "hash0")
     out = pipe.work_dir / "t"
     trainer = StageTrainer(build_task("teacher", model=model), pipe.schedule.teacher, out, meta, torch.device("cpu"))
-    return trainer, (train, evalset, test), out
+    return trainer, (train, select, test), out
 
 
 def test_stage_writes_checkpoints_log_and_metrics(make_tiny_config):
-    trainer, (train, evalset, test), out = _teacher_trainer(make_tiny_config())
-    result = trainer.fit(train, evalset, test)
-    assert {"last.pt", "best.pt", "model.pt", "log.jsonl", "metrics.json"} <= {p.name for p in out.iterdir()}
+    trainer, (train, select, test), out = _teacher_trainer(make_tiny_config())
+    result = trainer.fit(train, select, test)
+    assert {p.name for p in out.iterdir()} == {"last.pt", "model.pt", "log.jsonl", "metrics.json"}  # no val: no best
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     train_records = [r for r in records if r["event"] == "train"]
     assert [r["step"] for r in train_records] == [1, 2, 3]  # 12 images / batch 4
     assert {"classification", "bbox_regression", "loss", "lr"} <= set(train_records[0])
-    assert any(r["event"] == "eval" and "AP50" in r for r in records)
+    assert records[-1]["event"] == "finished" and "AP50" in records[-1]
 
     ckpt = torch.load(out / "model.pt", weights_only=True)
     assert ckpt["format"] == FORMAT and ckpt["finished"] and ckpt["role"] == "teacher"
@@ -142,7 +157,7 @@ def test_stage_writes_checkpoints_log_and_metrics(make_tiny_config):
 
 
 def test_non_finite_loss_stops_naming_the_images_and_keeps_last_good_checkpoint(make_tiny_config, monkeypatch):
-    trainer, (train, evalset, test), out = _teacher_trainer(make_tiny_config())
+    trainer, (train, select, test), out = _teacher_trainer(make_tiny_config())
     real_forward, calls = type(trainer.task).forward, []
 
     def forward(self, images, targets):
@@ -154,7 +169,7 @@ def test_non_finite_loss_stops_naming_the_images_and_keeps_last_good_checkpoint(
 
     monkeypatch.setattr(type(trainer.task), "forward", forward)
     with pytest.raises(UserError) as err:
-        trainer.fit(train, evalset, test)
+        trainer.fit(train, select, test)
     names = [r.path.name for r in train.set.records]
     assert "not finite" in err.value.what and "classification=nan" in err.value.what
     assert sum(name in err.value.what for name in names) == 4  # the batch's four image files
@@ -163,6 +178,86 @@ def test_non_finite_loss_stops_naming_the_images_and_keeps_last_good_checkpoint(
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
     assert not (out / "model.pt").exists()
     assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["event"] == "error"
+
+
+def test_finite_loss_with_non_finite_gradients_stops_before_the_weights_change(make_tiny_config, monkeypatch):
+    """Without the check, clipping would scale an inf gradient by 0 and write NaN into every weight."""
+    trainer, (train, select, test), out = _teacher_trainer(make_tiny_config())
+    real_forward, calls = type(trainer.task).forward, []
+
+    def forward(self, images, targets):
+        losses = real_forward(self, images, targets)
+        calls.append(1)
+        if len(calls) == 3:  # sqrt at 0: value 0, slope infinite
+            weight = self.model.head.classification_head.cls_logits.weight
+            losses["steep"] = (weight.abs().sum() * 0.0).sqrt()
+        return losses
+
+    monkeypatch.setattr(type(trainer.task), "forward", forward)
+    with pytest.raises(UserError) as err:
+        trainer.fit(train, select, test)
+    assert "gradients are not finite" in err.value.what and "steep=0" in err.value.what
+    last = load_checkpoint(out / "last.pt")
+    assert last["resume"]["state"]["step"] == 2
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+    assert all(torch.isfinite(p).all() for p in trainer.task.model.parameters())  # the step was never taken
+    assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["event"] == "error"
+
+
+def _spy_evaluations(monkeypatch, trainer) -> list[tuple[str, int, dict]]:
+    """Record every evaluation: (split name, epochs done, a copy of the weights evaluated)."""
+    import distill.trainer as trainer_module
+
+    calls, real = [], trainer_module.evaluate
+
+    def spy(model, batches, split, *args, **kwargs):
+        calls.append((split.name, trainer.state.epoch, {k: v.clone() for k, v in model.state_dict().items()}))
+        return real(model, batches, split, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "evaluate", spy)
+    return calls
+
+
+def test_without_a_val_split_the_final_epoch_is_kept_and_test_scores_once(make_tiny_config, monkeypatch):
+    trainer, (train, select, test), out = _teacher_trainer(make_tiny_config(), epochs=2)
+    assert select is None and test.set.name.endswith("test")
+    calls = _spy_evaluations(monkeypatch, trainer)
+    trainer.fit(train, select, test)
+    assert [(name, epoch) for name, epoch, _ in calls] == [(test.set.name, 2)]  # once, at the end: never selects
+    model = torch.load(out / "model.pt", weights_only=True)
+    last = torch.load(out / "last.pt", weights_only=True)
+    for key, value in model["state_dict"].items():
+        assert torch.equal(value, last["state_dict"][key]) and torch.equal(value, calls[0][2][key]), key
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["selection"] == {"rule": "final epoch", "split": None, "metric": None, "epoch": 2}
+    assert metrics["metrics"]["split"] == test.set.name and metrics["run"]["scored_on"] == test.set.name
+    assert not (out / "best.pt").exists()
+
+
+def test_a_val_split_selects_and_the_test_split_only_scores(make_tiny_config, monkeypatch):
+    cfg = make_tiny_config(datasets={"tiny_synth": {"val_split": "val"}}, synthetic={"num_val": 4})
+    trainer, (train, select, test), out = _teacher_trainer(cfg, epochs=2)
+    val, tst = select.set.name, test.set.name
+    assert val.endswith("val") and tst.endswith("test")
+    calls = _spy_evaluations(monkeypatch, trainer)
+    trainer.fit(train, select, test)
+    assert [(name, epoch) for name, epoch, _ in calls] == [(val, 1), (val, 2), (tst, 2)]
+    metrics = json.loads((out / "metrics.json").read_text())
+    best_epoch = metrics["selection"]["epoch"]
+    assert metrics["selection"]["split"] == val and metrics["selection"]["metric"] == "AP50"
+    assert metrics["metrics"]["split"] == tst and best_epoch in (1, 2)
+    model = torch.load(out / "model.pt", weights_only=True)["state_dict"]
+    best = torch.load(out / "best.pt", weights_only=True)["state_dict"]
+    val_weights, test_weights = calls[best_epoch - 1][2], calls[-1][2]
+    for key, value in model.items():  # model.pt = the val-selected weights, and exactly what test scored
+        assert torch.equal(value, best[key]) and torch.equal(value, val_weights[key])
+        assert torch.equal(value, test_weights[key]), key
+
+
+def test_a_val_split_equal_to_the_test_split_is_refused(make_tiny_config):
+    trainer, (train, _, test), _ = _teacher_trainer(make_tiny_config())
+    with pytest.raises(UserError, match="both select and score"):
+        trainer.fit(train, test, test)
 
 
 def test_missing_and_corrupt_checkpoints_are_user_errors(tmp_path):

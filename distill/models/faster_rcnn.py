@@ -20,17 +20,18 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from distill.models.backbones import resnet_fpn
+from distill.models.retinanet import anchor_generator
 from distill.models.mmdet_variant import to_mmdet_variant
 from runtime.errors import UserError
 
-STRIDES = (4, 8, 16, 32, 64)  # P2..P6
 ROI_LEVELS = ("0", "1", "2", "3")  # RoIs are pooled from P2..P5, as in the reference
 DEFAULT_REPRESENTATION = 1024  # Shared2FCBBoxHead fc_out_channels of the reference
 
 
-def rpn_anchor_generator() -> AnchorGenerator:
-    """Reference RPN anchors: one size 8 x stride per level (strides 4..64), ratios 0.5/1/2."""
-    return AnchorGenerator(tuple((8 * s,) for s in STRIDES), ((0.5, 1.0, 2.0),) * len(STRIDES))
+def rpn_anchor_generator(anchors=None) -> AnchorGenerator:
+    """RPN anchors of a ModelSpec's `anchors` (sizes per level P2-P6), or the reference's when None: one size
+    8 x stride per level (strides 4..64), ratios 0.5/1/2."""
+    return anchor_generator("faster_rcnn", anchors)
 
 
 def shift_labels(targets: list[dict[str, Tensor]] | None, offset: int) -> list[dict[str, Tensor]] | None:
@@ -77,7 +78,8 @@ def build_faster_rcnn(
         spec.backbone, spec.fpn_width, pretrained=spec.pretrained_backbone, norm=spec.norm,
         returned_layers=(1, 2, 3, 4), extra_blocks=LastLevelMaxPool(),
     )
-    anchors = rpn_anchor_generator()
+    anchors = rpn_anchor_generator(getattr(spec, "anchors", None))
+    assign = getattr(spec, "assign", None)
     pool = MultiScaleRoIAlign(list(ROI_LEVELS), output_size=7, sampling_ratio=0)
     model = ZeroBasedFasterRCNN(
         backbone,
@@ -90,6 +92,7 @@ def build_faster_rcnn(
         rpn_pre_nms_top_n_test=topk_candidates,
         rpn_post_nms_top_n_train=1000,  # reference rpn_proposal: nms_pre 2000, max_per_img 1000
         rpn_post_nms_top_n_test=1000,
+        **({"rpn_fg_iou_thresh": assign.fg_iou, "rpn_bg_iou_thresh": assign.bg_iou} if assign is not None else {}),
         box_roi_pool=pool,
         box_head=TwoMLPHead(spec.fpn_width * 7 * 7, representation_size),
         box_predictor=FastRCNNPredictor(representation_size, num_classes + 1),

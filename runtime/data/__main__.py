@@ -24,18 +24,39 @@ def _print_problems(report: ProblemReport) -> None:
             print(f"  {line}", file=sys.stderr)
 
 
+def _anchor_setting(args: argparse.Namespace):
+    """(AnchorSpec, input size, fg IoU) from --pipeline's model, else the reference RetinaNet anchors."""
+    from runtime.anchors import anchor_spec_for
+
+    if args.pipeline is None:
+        return anchor_spec_for("retinanet"), args.input_size, args.fg_iou or 0.5
+    from runtime.config import load_config
+
+    pipe = load_config(args.config, pipeline=args.pipeline).pipeline(args.pipeline)
+    model = getattr(pipe, args.model)
+    reference_fg = 0.5 if model.arch == "retinanet" else 0.7  # the RPN's foreground threshold
+    fg = args.fg_iou or (model.assign.fg_iou if model.assign is not None else reference_fg)
+    return anchor_spec_for(model.arch, model.anchors, model.fpn_levels), args.input_size or pipe.input_size, fg
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
-    """Print images, per-class objects, small (< 32² px area) and difficult counts of a dataset split."""
-    from runtime.data.stats import dataset_stats, print_stats
+    """Print images, per-class objects, small (< 32² px area) and difficult counts of a dataset split, object sizes
+    per class and how the detector's anchors cover them (with a better-fitting suggestion)."""
+    from runtime.data.anchor_fit import anchor_report
+    from runtime.data.stats import dataset_stats, print_anchor_report, print_stats
 
     report = ProblemReport(strict=args.strict)
     ds = load_dataset(args.format, args.path, args.split, classes=args.classes, strict=args.strict, report=report)
     stats = dataset_stats(ds)
     stats.problems = report.to_dict()
+    spec, input_size, fg_iou = _anchor_setting(args)
+    anchors = anchor_report(ds, input_size, spec, fg_iou, max_images=args.anchor_images)
     if args.json:
-        print(json.dumps(stats.to_dict()))
+        print(json.dumps(stats.to_dict() | {"anchors": anchors.to_dict()}))
     else:
-        print_stats(stats, Console(), per_image=args.per_image or stats.images <= 20)
+        console = Console()
+        print_stats(stats, console, per_image=args.per_image or stats.images <= 20)
+        print_anchor_report(anchors, console)
     _print_problems(report)
     return 0
 
@@ -107,6 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record (file and line)")
     p.add_argument("--per-image", action="store_true", help="also list every image (default when <= 20 images)")
+    p.add_argument("--pipeline", help="judge the anchors of this pipeline's model (and its input size) from "
+                   "pipelines.yaml; default: the reference RetinaNet anchors")
+    p.add_argument("--model", choices=("teacher", "student"), default="teacher", help="which model of --pipeline")
+    p.add_argument("--config", help="pipelines.yaml to read --pipeline from (default: the repository's)")
+    p.add_argument("--input-size", type=int, help="network input size the images are stretched to (default: the "
+                   "pipeline's, else the images' own size)")
+    p.add_argument("--fg-iou", type=float, help="foreground IoU of the assigner (default: the model's)")
+    p.add_argument("--anchor-images", type=int, default=200, help="images sampled for the anchor coverage")
     add_debug_flag(p)
     p.set_defaults(func=cmd_stats)
 

@@ -89,3 +89,43 @@ def print_stats(stats: DatasetStats, console: Console | None = None, per_image: 
             classes = ", ".join(f"{k} {v}" for k, v in sorted(s.per_class.items(), key=lambda kv: -kv[1]))
             rows.add_row(s.image, f"{s.width}x{s.height}", str(s.objects), str(s.small), str(s.difficult), classes)
         console.print(rows)
+
+
+def print_anchor_report(report: Any, console: Console | None = None) -> None:
+    """Print size quantiles per class and the anchor coverage tables of a runtime.data.anchor_fit.AnchorReport."""
+    console = console or Console()
+    where = f"network input {report.input_size} px (stretched)" if report.input_size else "image pixels"
+    table = Table(title=f"object size sqrt(w h) and aspect h/w per class, {where}")
+    table.add_column("class")
+    table.add_column("objects", justify="right")
+    for q in ("p5", "p25", "p50", "p75", "p95"):
+        table.add_column(f"size {q}", justify="right")
+    table.add_column("h/w p5 / p50 / p95", justify="right")
+    for name, c in report.classes.items():
+        s, a = c.size_quantiles, c.aspect_quantiles
+        table.add_row(name, str(c.objects), *(f"{s[q]:.1f}" if s else "-" for q in ("p5", "p25", "p50", "p75", "p95")),
+                      f"{a['p5']:.2f} / {a['p50']:.2f} / {a['p95']:.2f}" if a else "-")
+    console.print(table)
+    if report.current is None:
+        console.print("anchor coverage: give the network input size (--pipeline NAME or --input-size N)")
+        return
+    cov = Table(title="anchor coverage", caption=f"{report.images_sampled} images; IoU assigner, foreground >= "
+                f"{report.fg_iou:g}; anchors on the real feature grids")
+    for col in ("anchors", "with a positive", "low-quality only", "positives/object", "mean best IoU"):
+        cov.add_column(col, justify="left" if col == "anchors" else "right")
+    rows = [("current", report.current)]
+    if report.suggested is not None:
+        rows.append((f"suggested ({report.suggested_base_scale:g} x stride)", report.suggested))
+    for label, c in rows:
+        cov.add_row(label, f"{100 * c.with_positive:.1f}%", f"{100 * c.low_quality_only:.1f}%",
+                    f"{c.mean_positives:.2f}", f"{c.mean_best_iou:.3f}")
+    console.print(cov)
+    for label, c in rows:
+        sizes = " | ".join(",".join(f"{x:g}" for x in level) for level in c.sizes)
+        levels = " ".join(f"{k} {100 * v:.0f}%" for k, v in c.best_level.items() if v)
+        console.print(f"{label}: sizes per level {sizes}; ratios {list(c.aspect_ratios)}; best anchor on {levels}",
+                      highlight=False)
+    if report.suggested is not None:
+        sizes = ", ".join("[" + ", ".join(f"{x:g}" for x in level) + "]" for level in report.suggested.sizes)
+        console.print(f"pipelines.yaml, under the model: anchors: {{sizes: [{sizes}], aspect_ratios: "
+                      f"{list(report.suggested.aspect_ratios)}}}")
