@@ -174,8 +174,11 @@ def calibrate_ort(model_path: Path, feeds: Iterable[dict[str, np.ndarray]], meth
     if method not in ORT_METHODS:
         raise UserError(f"calibration method '{method}' is not supported by ONNX Runtime", "calibration.method",
                         f"use one of {', '.join(ORT_METHODS)}")
-    options = {"symmetric": symmetric, "num_bins": HISTOGRAM_BINS, "num_quantized_bins": QUANTIZED_BINS,
-               "percentile": PERCENTILE}
+    # Percentile always uses the signed-value histogram (bins over [-t, t]): ONNX Runtime's absolute-value variant
+    # bins [min|x|, max|x|] and fails on a near-constant tensor ("cannot create 2048 finite-sized bins"). A
+    # symmetric quantizer then takes max(|low|, |high|) of the two-sided percentiles.
+    options = {"symmetric": symmetric and method != "percentile", "num_bins": HISTOGRAM_BINS,
+               "num_quantized_bins": QUANTIZED_BINS, "percentile": PERCENTILE}
     start, count = time.perf_counter(), 0
     with tempfile.TemporaryDirectory(prefix="calib.") as tmp:
         calibrator = create_calibrator(Path(model_path), op_types, str(Path(tmp) / "augmented.onnx"),
@@ -195,6 +198,7 @@ def calibrate_ort(model_path: Path, feeds: Iterable[dict[str, np.ndarray]], meth
                 ranges = {name: td.range_value for name, td in calibrator.compute_data().items()}
         del calibrator  # holds the session on the augmented model
     ranges = {name: (float(np.asarray(lo).min()), float(np.asarray(hi).max())) for name, (lo, hi) in ranges.items()}
+    ranges = {name: (min(lo, hi), max(lo, hi)) for name, (lo, hi) in ranges.items()}  # near-constant tensors
     return ActivationRanges(method, symmetric, key, ranges, images=count, seconds=time.perf_counter() - start)
 
 
