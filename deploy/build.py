@@ -26,7 +26,9 @@ from deploy.calibration import calibration_set, load_split
 from deploy.export import AutocastFp16, ExportOnnx, SimplifyOnnx, deploy_network
 from deploy.fidelity import check_fidelity
 from deploy.gate import GateReport, accuracy_gate, evaluate_models
+from deploy.nms_graph import NMS_CHOICES, plan_nms
 from deploy.quantize import QuantizeOnnx
+from deploy.ranges import RANGES_FILE
 from deploy.tensorrt import (BENCH_SCRIPT, BUILD_SCRIPT, CALIB_CACHE, FP16_ONNX, FP32_ONNX, INT8_ONNX, RECORD_TOOL,
                              bench_engine_script, build_calibration_cache, build_decision, build_engine_script,
                              engine_plan, float_types, record_tool_source, run_build_script, tensorrt_status)
@@ -45,7 +47,7 @@ class Options:
     target: str
     role: str
     precision: str
-    calib_images: int
+    calib_images: int | None  # None: the pipeline's calibration.images rule
     nms: str
     input_size: int
     engine: str = "auto"  # --engine: auto (build here only when this host is the target), build, script
@@ -133,15 +135,17 @@ def build_role(pipe: Any, target: Any, opts: Options, checkpoint: Path, out_dir:
     size = opts.input_size
     if meta.get("input_size") not in (None, size):
         say(f"note: trained at {meta['input_size']} px, exported at the target's {size} px")
-    net = deploy_network(model, size, opts.nms)
+    net = deploy_network(model, size)
     anchors = _anchor_spec(model, size) if net.kind == "retinanet" else None
     # fp32 / fp16 builds only need images for the fidelity check
     calib = calibration_set(pipe, size, opts.calib_images if opts.precision == "int8"
-                            else min(opts.calib_images, FIDELITY_IMAGES))
+                            else min(opts.calib_images or FIDELITY_IMAGES, FIDELITY_IMAGES))
     test = pipe.test
     post = PostprocessSpec(kind=net.kind, num_classes=len(classes), anchors=anchors, score_thresh=test.score_thresh,
                            nms_iou=test.nms_iou, max_detections=test.max_detections,
                            topk_candidates=test.topk_candidates, label_offset=net.label_offset)
+    nms = plan_nms(opts.nms, net, model, post, size, target.runtime, None if pipe.deploy.dynamic_batch else 1,
+                   pipe.deploy.opset)
     trt = target.runtime == "tensorrt"
     plan = engine_plan(target, opts.precision, size, pipe.deploy.dynamic_batch, opts.target) if trt else None
     failed_dir = out_dir.parent / "failed" / out_dir.name
@@ -162,7 +166,8 @@ def build_role(pipe: Any, target: Any, opts: Options, checkpoint: Path, out_dir:
                             "if the difference is numerical noise")
         say(f"exported {fp32_path.name}: ONNX Runtime matches PyTorch ({fidelity.worst()})")
         records = load_split(pipe, pipe.dataset.test_split).records[: pipe.deploy.eval_images]
-        evaluate = lambda paths: evaluate_models(paths, records, classes, calib.spec, post)  # noqa: E731
+        evaluate = lambda paths: evaluate_models(paths, records, classes, calib.spec, nms.postprocess,  # noqa: E731
+                                                 nms.tail)
         if opts.precision == "int8":
             report = _quantize_and_gate(bundle, pipe, target, plan, calib, evaluate, described, summary, say)
         else:  # no INT8 gate, but the device gate needs the FP32 AP50 this build measured
@@ -190,18 +195,24 @@ def build_role(pipe: Any, target: Any, opts: Options, checkpoint: Path, out_dir:
         if plan is not None and plan.onnx_file == FP16_ONNX:
             AutocastFp16(fp32_path, bundle.path(FP16_ONNX, "onnx-fp16", "fp16"))()
             described[FP16_ONNX] = "mixed FP16 (ModelOpt AutoCast) for strongly typed TensorRT"
+        # In-graph NMS goes on after calibration (ONNX Runtime could not calibrate through a TensorRT plugin).
+        nms.attach([bundle.tmp / n for n in (FP32_ONNX, INT8_ONNX, FP16_ONNX) if (bundle.tmp / n).is_file()])
+        described["manifest.json"] = f"hashes, versions, pre/post-processing. {nms.describe()}"
+        if nms.plugin and "accuracy_gate.json" in described:
+            described["accuracy_gate.json"] += (" (NMS scored with runtime.efficient_nms, the numpy reference of "
+                                                "EfficientNMS_TRT: the plugin itself is not executed here)")
         engine_note = "The target runs the ONNX files with ONNX Runtime; no TensorRT engine is involved."
         if plan is not None:
             engine_note = _tensorrt(bundle, plan, target, opts, calib, fp32_path, report, described, say)
         notes = f"built by deploy.build from {checkpoint} ({meta.get('role')}, method {meta.get('method')})"
         bundle.write_text("README.md", readme(pipe.name, opts.role, opts.target, target.description,
-                                              {**described, "manifest.json": "hashes, versions, pre/post-processing"},
+                                              described,
                                               gate_dict, engine_note), "readme")
         bundle.write_json(BUILD_INFO, {"input_hash": wanted, "checkpoint": str(checkpoint), "settings": settings,
                                        "summary": summary}, "build-info")
-        bundle.commit(**manifest_fields(pipe.name, opts.role, opts.target, classes, calib.spec, post,
-                                        net.output_names, (1 if not pipe.deploy.dynamic_batch else "batch", 3, size,
-                                                           size), plan, notes))
+        bundle.commit(**manifest_fields(pipe.name, opts.role, opts.target, classes, calib.spec, nms.postprocess,
+                                        nms.output_names, (1 if not pipe.deploy.dynamic_batch else "batch", 3, size,
+                                                           size), plan, notes), nms=nms.kind)
     say(f"bundle written: {out_dir}")
     return {**summary, "bundle": str(out_dir), "status": "built"}
 
@@ -212,16 +223,20 @@ def _quantize_and_gate(bundle: BundleWriter, pipe: Any, target: Any, plan: Any, 
     fp32_path = bundle.tmp / FP32_ONNX
     bundle.write_json("calibration.json", calib.manifest(), "calib-manifest")
     described["calibration.json"] = f"{len(calib)} calibration images ({calib.split} split) + preprocessing"
+    described[RANGES_FILE] = f"activation ranges from calibration ({calib.method}), reused by the sensitivity pass"
     dla = plan is not None and plan.dla_core is not None
     int8_path = bundle.path(INT8_ONNX, "onnx-int8", "int8")
-    first = QuantizeOnnx(fp32_path, int8_path, calib, target.quantizer, dla=dla)()
+    ranges = bundle.path(RANGES_FILE, "calib-ranges")  # the sensitivity pass re-quantizes from it
+    first = QuantizeOnnx(fp32_path, int8_path, calib, target.quantizer, dla=dla, ranges_cache=ranges,
+                         progress=say)()
     if first.note:
         say(first.note)
     say(f"quantized with {first.quantizer}: {first.qdq['QuantizeLinear']} Q / {first.qdq['DequantizeLinear']} DQ "
         "nodes, head outputs in float")
     report, final = accuracy_gate(
         fp32_path, first,
-        requantize=lambda keep: QuantizeOnnx(fp32_path, int8_path, calib, target.quantizer, keep, dla)(),
+        requantize=lambda keep: QuantizeOnnx(fp32_path, int8_path, calib, target.quantizer, keep, dla, ranges,
+                                             say)(),
         evaluate=evaluate, limit=pipe.deploy.ap50_drop_limit, max_groups=pipe.deploy.sensitivity_groups,
         feeds=calib.feeds(min(8, len(calib))), progress=say)
     described[INT8_ONNX] = f"INT8 explicit Q/DQ ({final.quantizer}), head outputs in float"
@@ -298,7 +313,7 @@ class BuildRequest:
     model: str = "student"  # 'student' | 'teacher' | 'both'
     checkpoint: Path | None = None
     precision: str | None = None  # default: the target's
-    calib_images: int | None = None  # default: calibration.images of the pipeline
+    calib_images: int | None = None  # default: calibration.images of the pipeline (unset there: 500 or the split)
     nms: str = "host"
     engine: str = "auto"  # TensorRT targets: 'auto' | 'build' | 'script'
     work_dir: Path | None = None
@@ -326,8 +341,7 @@ def build_bundles(request: BuildRequest, console: Console | None = None) -> list
     base = request.out or cfg.path(cfg.artifacts_dir) / pipe.name / request.target
     rows = []
     for role in roles:
-        opts = Options(request.target, role, precision, request.calib_images or pipe.calibration.images,
-                       request.nms, size, request.engine)
+        opts = Options(request.target, role, precision, request.calib_images, request.nms, size, request.engine)
         ckpt = request.checkpoint or checkpoint_path(pipe, role, request.work_dir)
         out = base / role if len(roles) > 1 else base
         rows.append(build_role(pipe, target, opts, Path(ckpt), Path(out), console))
@@ -344,9 +358,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path, default=None, help="model.pt to deploy instead of the pipeline's")
     parser.add_argument("--precision", choices=("int8", "fp16", "fp32"), default=None,
                         help="default: the target's precision")
-    parser.add_argument("--calib-images", type=int, default=None, help="default: calibration.images of the pipeline")
-    parser.add_argument("--nms", choices=("host", "graph"), default="host",
-                        help="host: numpy post-processing (default); graph: decoding + NMS inside the ONNX graph")
+    parser.add_argument("--calib-images", type=int, default=None,
+                        help="default: calibration.images of the pipeline (unset there: 500, or all the split has)")
+    parser.add_argument("--nms", choices=NMS_CHOICES, default="host",
+                        help="host: numpy/OpenCV post-processing (default); onnx-nms: decoding + ONNX "
+                        "NonMaxSuppression in the graph; efficient-nms-trt: decoding + TensorRT's EfficientNMS_TRT "
+                        "plugin; graph: the in-graph one the target's runtime runs")
     parser.add_argument("--engine", choices=("auto", "build", "script"), default="auto",
                         help="TensorRT targets: auto builds the engine here only when this host is the target's "
                              "platform (a Jetson for jetson targets, an x86 GPU host for x86-cuda); build forces it; "

@@ -37,18 +37,22 @@ BUILD_INFO = "build_info.json"
 ROOT = Path(__file__).resolve().parent.parent
 # Code whose change alters what a build writes: the deploy chain and the runtime pieces baked into the bundle.
 HASHED_CODE = ("deploy", "distill/models", "distill/checkpoint.py", "runtime/preprocess.py", "runtime/postprocess.py",
-               "runtime/anchors.py", "runtime/nms.py", "runtime/manifest.py", "runtime/engine_record.py",
-               "runtime/tiling.py", "runtime/detector.py", "runtime/boxes.py", "runtime/metrics",
-               "runtime/data/coco.py", "runtime/data/images.py")
+               "runtime/anchors.py", "runtime/nms.py", "runtime/efficient_nms.py", "runtime/manifest.py",
+               "runtime/engine_record.py", "runtime/tiling.py", "runtime/detector.py", "runtime/boxes.py",
+               "runtime/metrics", "runtime/data/coco.py", "runtime/data/images.py")
 PACKAGES = {"torch": "torch", "torchvision": "torchvision", "onnx": "onnx", "onnxruntime": "onnxruntime",
             "onnxruntime-gpu": "onnxruntime-gpu", "onnxslim": "onnxslim", "polygraphy": "polygraphy",
             "modelopt": "nvidia-modelopt", "tensorrt": "tensorrt", "numpy": "numpy"}
 OUTPUT_MEANINGS = {
-    "cls_logits": "class logits (B, A, C) per anchor, levels P3..P7 in runtime.anchors order; sigmoid = score",
+    "cls_logits": "class logits (B, A, C) per anchor, FPN levels finest first in runtime.anchors order; sigmoid = score",
     "bbox_regression": "box deltas (dx, dy, dw, dh) (B, A, 4) against the anchors, BoxCoder weights (1, 1, 1, 1)",
     "boxes": "detections' xyxy boxes (N, 4) in network-input pixels",
     "scores": "detections' scores (N,)",
     "labels": "detections' class indices (N,) (minus postprocess.label_offset = index into classes)",
+    "num_detections": "valid detections per image (B, 1) int32: the first n slots of the outputs below",
+    "detection_boxes": "xyxy boxes (B, max_detections, 4) in network-input pixels, zeros past num_detections",
+    "detection_scores": "scores (B, max_detections), sigmoid of the class logit",
+    "detection_classes": "class indices (B, max_detections) int32 (minus postprocess.label_offset)",
 }
 
 

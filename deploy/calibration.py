@@ -2,8 +2,9 @@
 
 The deployed model sees tensors made by runtime.preprocess (torch-free), so calibration uses exactly that code:
 quantization ranges are measured on the distribution the engine will get. The test split is never used (the
-accuracy gate evaluates on it). Images are read lazily, batch by batch, so a 256 x 1024 px set does not sit in
-memory; the chosen list and the preprocessing go into a calibration manifest inside the bundle.
+accuracy gate evaluates on it). Images are read lazily, batch by batch, so a 500 x 1024 px set does not sit in
+memory (deploy.ranges calibrates one batch at a time); the chosen list and the preprocessing go into a calibration
+manifest inside the bundle. Images are drawn at the deployed input size (the target's), not the training size.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from runtime.preprocess import PreprocessSpec, preprocess_batch, read_image
 from runtime.records import DetectionSet, ImageRecord
 
 INPUT_NAME = "images"
+DEFAULT_IMAGES = 500  # what INT8 guides ask for; a split with fewer gives all it has unless a count is set
 
 
 def preprocess_spec(input_size: int) -> PreprocessSpec:
@@ -39,6 +41,9 @@ def load_split(pipe: Any, split: str) -> DetectionSet:
 
 def choose_records(records: list[ImageRecord], count: int, seed: int, where: str) -> list[ImageRecord]:
     """`count` records drawn without replacement with a seeded generator, in dataset order; too few is a UserError."""
+    if not records:
+        raise UserError("the calibration split has no images", where=where,
+                        fix="point calibration.split at the training split of a dataset that has images")
     if len(records) < count:
         raise UserError(
             f"too few calibration images: found {len(records)}, {count} requested", where=where,
@@ -58,9 +63,15 @@ class CalibrationSet:
     method: str
     seed: int
     batch_size: int = 1
+    per_node: bool = False  # modelopt: calibrate node by node (least memory)
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def num_batches(self, limit: int | None = None) -> int:
+        """How many batches batches() yields."""
+        count = min(limit, len(self.records)) if limit else len(self.records)
+        return -(-count // self.batch_size)
 
     def batches(self, limit: int | None = None) -> Iterator[np.ndarray]:
         """Normalised (B, 3, S, S) float32 batches, read from disk on demand."""
@@ -69,11 +80,15 @@ class CalibrationSet:
             images = [read_image(r.path) for r in records[start:start + self.batch_size]]
             yield preprocess_batch(images, self.spec)[0]
 
+    def feeds_iter(self, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """Feed dicts {'images': batch}, one at a time (what calibration streams through)."""
+        return ({INPUT_NAME: b} for b in self.batches(limit))
+
     def feeds(self, limit: int | None = None) -> list[dict[str, np.ndarray]]:
         """Feed dicts {'images': batch} (Polygraphy data loader / Comparator input); materialised, so keep it small."""
-        return [{INPUT_NAME: b} for b in self.batches(limit)]
+        return list(self.feeds_iter(limit))
 
-    def reader(self) -> Any:
+    def reader(self, limit: int | None = None) -> Any:
         """An onnxruntime CalibrationDataReader over the batches (ORT and modelopt, which also calls get_first)."""
         from onnxruntime.quantization import CalibrationDataReader
 
@@ -81,14 +96,14 @@ class CalibrationSet:
 
         class _Reader(CalibrationDataReader):
             def __init__(self) -> None:
-                self._it = calib.batches()
+                self._it = calib.batches(limit)
 
             def get_next(self) -> dict[str, np.ndarray] | None:
                 batch = next(self._it, None)
                 return None if batch is None else {INPUT_NAME: batch}
 
             def rewind(self) -> None:
-                self._it = calib.batches()
+                self._it = calib.batches(limit)
 
             def get_first(self) -> dict[str, np.ndarray]:
                 """The first batch without advancing (modelopt probes the graph with it)."""
@@ -112,15 +127,22 @@ class CalibrationSet:
 
 
 def calibration_set(pipe: Any, input_size: int, count: int | None = None) -> CalibrationSet:
-    """The pipeline's calibration set: `count` (default calibration.images) training images at S x S."""
+    """The pipeline's calibration set: `count` training images at the deployed S x S.
+
+    Without `count`, calibration.images when the pipeline sets it (too few images is then an error), else
+    DEFAULT_IMAGES or the whole split when it has fewer.
+    """
     cal = pipe.calibration
-    count = cal.images if count is None else count
+    explicit = count is not None or "images" in getattr(cal, "model_fields_set", {"images"})
+    count = count if count is not None else cal.images
     if count < 1:
         raise UserError(f"--calib-images must be at least 1, got {count}", where="--calib-images")
     if cal.split == pipe.dataset.test_split:
         raise UserError(f"calibration split '{cal.split}' is the dataset's test split", where="calibration.split",
                         fix=f"use the training split '{pipe.dataset.train_split}'")
     split = load_split(pipe, cal.split)
+    if not explicit and split.records:
+        count = min(count, len(split.records))
     records = choose_records(split.records, count, cal.seed, where=f"{pipe.dataset_root} split '{cal.split}'")
     return CalibrationSet(records, preprocess_spec(input_size), cal.split, str(pipe.dataset_root), cal.method,
-                          cal.seed)
+                          cal.seed, per_node=bool(getattr(cal, "per_node", False)))

@@ -3,9 +3,9 @@
 What is exported is the *network* the runtime feeds: input ``images`` (B, 3, S, S), already normalised by
 runtime.preprocess. RetinaNet ends at the head's raw outputs ``cls_logits`` (B, A, C) and ``bbox_regression``
 (B, A, 4), concatenated over P3..P7 exactly like torchvision's RetinaNetHead, and the host decodes them
-(runtime.postprocess). ``--nms graph`` appends torchvision's own post-processing (top-k, decoding, batched NMS,
-which exports as ONNX NonMaxSuppression) for batch 1. Faster R-CNN exports torchvision's whole two-stage graph
-(RPN, RoIAlign, box head, NMS) with outputs ``boxes``, ``labels``, ``scores``.
+(runtime.postprocess); in-graph NMS (``--nms onnx-nms`` / ``efficient-nms-trt``) is a tail appended to this network
+after quantization (deploy.nms_graph). Faster R-CNN exports torchvision's whole two-stage graph (RPN, RoIAlign, box
+head, NMS) with outputs ``boxes``, ``labels``, ``scores``.
 """
 from __future__ import annotations
 
@@ -28,7 +28,6 @@ from runtime.errors import UserError
 INPUT_NAME = "images"
 RAW_OUTPUTS = ("cls_logits", "bbox_regression")
 DETECTION_OUTPUTS = ("boxes", "scores", "labels")
-NmsMode = Literal["host", "graph"]
 
 
 class RetinaNetNetwork(nn.Module):
@@ -43,35 +42,6 @@ class RetinaNetNetwork(nn.Module):
         feats = self.backbone(images)
         out = self.head(list(feats.values()) if isinstance(feats, dict) else [feats])
         return out["cls_logits"], out["bbox_regression"]
-
-
-class RetinaNetWithNMS(nn.Module):
-    """RetinaNetNetwork followed by torchvision's postprocess_detections for one S x S image.
-
-    Anchors are computed once at construction (the input size is fixed), so the graph holds them as a constant.
-    """
-
-    def __init__(self, model: RetinaNet, input_size: int):
-        super().__init__()
-        self.network = RetinaNetNetwork(model)
-        self.model = model
-        with torch.no_grad():
-            probe = torch.zeros(1, 3, input_size, input_size)
-            feats = list(model.backbone(probe).values())
-            anchors = model.anchor_generator(ImageList(probe, [(input_size, input_size)]), feats)[0]
-        self.register_buffer("anchors", anchors, persistent=False)
-        self.per_level = [f.shape[-2] * f.shape[-1] * model.anchor_generator.num_anchors_per_location()[0]
-                          for f in feats]
-        self.input_size = input_size
-
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(boxes, scores, labels) of the one image, exactly as RetinaNet's eval forward."""
-        cls_logits, bbox = self.network(images)
-        head = {"cls_logits": list(cls_logits.split(self.per_level, dim=1)),
-                "bbox_regression": list(bbox.split(self.per_level, dim=1))}
-        anchors = [list(self.anchors.split(self.per_level))]
-        det = self.model.postprocess_detections(head, anchors, [(self.input_size, self.input_size)])[0]
-        return det["boxes"], det["scores"], det["labels"]
 
 
 class FasterRCNNNetwork(nn.Module):
@@ -99,16 +69,13 @@ class DeployNetwork:
     output_names: tuple[str, ...]
     kind: Literal["retinanet", "detections"]  # runtime.postprocess.PostprocessSpec.kind
     label_offset: int = 0  # Faster R-CNN numbers foreground classes from 1
-    batch_fixed: bool = False  # graphs with NMS handle exactly one image
+    batch_fixed: bool = False  # Faster R-CNN's graph handles exactly one image
 
 
-def deploy_network(model: nn.Module, input_size: int, nms: NmsMode = "host") -> DeployNetwork:
+def deploy_network(model: nn.Module, input_size: int) -> DeployNetwork:
     """Wrap a torchvision detector into the network that is exported (eval mode, no gradients)."""
     model = model.eval()
     if isinstance(model, RetinaNet):
-        if nms == "graph":
-            return DeployNetwork(RetinaNetWithNMS(model, input_size).eval(), DETECTION_OUTPUTS, "detections",
-                                 batch_fixed=True)
         return DeployNetwork(RetinaNetNetwork(model).eval(), RAW_OUTPUTS, "retinanet")
     if isinstance(model, FasterRCNN):
         # torchvision's box predictor has num_classes + 1 outputs, index 0 being background.
@@ -131,8 +98,8 @@ class ExportOnnx(BaseLoader):
         if self.opset < 17:
             raise UserError(f"opset {self.opset} is too old", where="deploy.opset", fix="use 17 or newer")
         if self.network.batch_fixed and (self.dynamic_batch or self.batch_size != 1):
-            raise UserError("graphs that end in detections (Faster R-CNN, --nms graph) are exported for batch 1",
-                            where="deploy.dynamic_batch", fix="set deploy.dynamic_batch=false or use --nms host")
+            raise UserError("Faster R-CNN's graph (it ends in variable-length detections) is exported for batch 1",
+                            where="deploy.dynamic_batch", fix="set deploy.dynamic_batch=false")
         names = self.network.output_names
         axes = {n: {0: "batch"} for n in (INPUT_NAME, *names)} if self.dynamic_batch else {}
         if self.network.kind == "detections":  # one row per detection: name the data-dependent axis

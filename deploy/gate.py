@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from deploy.quantize import QuantizeResult, head_output_nodes, prediction_layers
 from runtime.backends.ort import OrtRunner
 from runtime.backends.select import BackendChoice
 from runtime.detector import Detector
+from runtime.efficient_nms import PLUGIN_OP
 from runtime.postprocess import PostprocessSpec, sigmoid
 from runtime.preprocess import PreprocessSpec, read_image
 from runtime.records import DetectionSet, ImageRecord
@@ -80,18 +82,36 @@ class GateReport:
 
 
 def evaluate_models(paths: dict[str, Path], records: Sequence[ImageRecord], classes: Sequence[str],
-                    pre: PreprocessSpec, post: PostprocessSpec) -> dict[str, ModelScore]:
+                    pre: PreprocessSpec, post: PostprocessSpec,
+                    tail: onnx.ModelProto | None = None) -> dict[str, ModelScore]:
     """Run every model on each image in turn (side by side, same inputs) through runtime.detector's loop with an
-    ONNX Runtime CPU runner, and score each with COCO AP50 (runtime.metrics)."""
+    ONNX Runtime CPU runner, and score each with COCO AP50 (runtime.metrics).
+
+    With ``tail`` (deploy.nms_graph) each network is scored with its in-graph NMS appended, as it is shipped; a
+    tail that ends in TensorRT's EfficientNMS_TRT runs up to the plugin and the plugin's numpy reference
+    (runtime.efficient_nms) finishes, as the runtime does with such a bundle on ONNX Runtime.
+    """
     from runtime.data.coco import to_coco_dict
     from runtime.metrics import evaluate_coco
 
-    detectors = {key: Detector.from_runner(BackendChoice(OrtRunner(path, "cpu"), "ort-cpu", Path(path), key,
-                                                         "accuracy gate"), pre, post, classes)
-                 for key, path in paths.items()}
+    names = {key: Path(path).name for key, path in paths.items()}
     dets: dict[str, list] = {k: [] for k in paths}
     times: dict[str, list[float]] = {k: [] for k in paths}
     with contextlib.ExitStack() as stack:
+        nms = "host"
+        if tail is not None:
+            from deploy.nms_graph import attach_tail
+
+            nms = "efficient-nms-trt" if any(n.op_type == PLUGIN_OP for n in tail.graph.node) else "onnx-nms"
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gate-")))
+            merged = {}
+            for key, path in paths.items():
+                merged[key] = tmp / f"{key}.onnx"
+                onnx.save(attach_tail(onnx.load(str(path)), tail), str(merged[key]))
+            paths = merged
+        detectors = {key: Detector.from_runner(BackendChoice(OrtRunner(path, "cpu"), "ort-cpu", Path(path), key,
+                                                             "accuracy gate"), pre, post, classes, nms=nms)
+                     for key, path in paths.items()}
         for det in detectors.values():
             stack.enter_context(det)
         for image_id, rec in enumerate(records, start=1):
@@ -105,7 +125,7 @@ def evaluate_models(paths: dict[str, Path], records: Sequence[ImageRecord], clas
     scores = {}
     for key in paths:
         metrics = evaluate_coco(gt, dets[key])
-        scores[key] = ModelScore(Path(paths[key]).name, float(metrics.AP50), float(metrics.AP), len(records),
+        scores[key] = ModelScore(names[key], float(metrics.AP50), float(metrics.AP), len(records),
                                  1000 * float(np.median(times[key])))
     return scores
 

@@ -208,12 +208,17 @@ class TestConfig(Strict):
 
 
 class CalibrationConfig(Strict):
-    """INT8 calibration: how many training images, which split, which algorithm."""
+    """INT8 calibration: how many training images, which split, which algorithm.
 
-    images: int = Field(64, gt=0)
+    Left unset, ``images`` is 500 (or the whole split when it has fewer); set, it is exact. ``per_node`` makes
+    modelopt calibrate one node at a time (least memory, more time).
+    """
+
+    images: int = Field(500, gt=0)
     split: str = "train"
     method: Literal["entropy", "max", "minmax", "percentile"] = "entropy"
     seed: int = 0
+    per_node: bool = False
 
     @field_validator("split")
     @classmethod

@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from runtime.backends.ort import OrtRunner
 from runtime.backends.select import BACKENDS, PRECISIONS, BackendChoice, select_backend
+from runtime.efficient_nms import PLUGIN_INPUTS
 from runtime.errors import UserError
 from runtime.manifest import Bundle, load_bundle
 from runtime.postprocess import Detections, PostprocessSpec, build_postprocess
@@ -49,30 +51,41 @@ class Detector:
                  verify: bool = True):
         self.bundle: Bundle | None = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify=verify)
         manifest = self.bundle.manifest
-        self._configure(manifest.preprocess, manifest.postprocess, manifest.classes, manifest.input.name,
-                        score_thresh, batch_size)
         self.choice: BackendChoice = select_backend(self.bundle, backend, precision, threads)
         self.runner = self.choice.runner
+        self._configure(manifest.preprocess, manifest.postprocess, manifest.classes, manifest.input.name,
+                        score_thresh, batch_size, manifest.nms)
 
     @classmethod
     def from_runner(cls, choice: BackendChoice, preprocess: PreprocessSpec, postprocess: PostprocessSpec,
-                    classes: Sequence[str], input_name: str = "images", batch_size: int = 1) -> Detector:
+                    classes: Sequence[str], input_name: str = "images", batch_size: int = 1,
+                    nms: str = "host") -> Detector:
         """A detector over a runner chosen by the caller, without a bundle on disk (deploy's accuracy gate scores
         the models it is about to ship with the very loop the runtime runs)."""
         self = cls.__new__(cls)
         self.bundle = None
-        self._configure(preprocess, postprocess, tuple(classes), input_name, None, batch_size)
         self.choice, self.runner = choice, choice.runner
+        self._configure(preprocess, postprocess, tuple(classes), input_name, None, batch_size, nms)
         return self
 
     def _configure(self, pre_spec: PreprocessSpec, post_spec: PostprocessSpec, classes: Sequence[str],
-                   input_name: str, score_thresh: float | None, batch_size: int) -> None:
+                   input_name: str, score_thresh: float | None, batch_size: int, nms: str) -> None:
+        self.nms = nms
+        self.min_score: float | None = None  # extra filter on the outputs of a graph that ends in NMS
         if score_thresh is not None:
             if not 0 <= score_thresh < 1:
                 raise UserError(f"score threshold must be in [0, 1), got {score_thresh}", "--score-thresh")
-            post_spec = post_spec.model_copy(update={"score_thresh": float(score_thresh)})
+            if post_spec.kind != "padded":
+                post_spec = post_spec.model_copy(update={"score_thresh": float(score_thresh)})
+            elif score_thresh < post_spec.score_thresh:
+                raise UserError(f"this bundle's graph applies NMS at score {post_spec.score_thresh:g}: "
+                                f"{score_thresh:g} is below it", "--score-thresh",
+                                "use a threshold at or above it, or build the bundle with --nms host")
+            else:
+                # Dropping boxes below a higher threshold after NMS is exact: a box only ever suppresses
+                # lower-scoring boxes, so the survivors above the threshold are the same either way.
+                self.min_score = float(score_thresh)
         self.post_spec = post_spec
-        self.postprocess = build_postprocess(post_spec)
         self.pre_spec = pre_spec
         self.classes: tuple[str, ...] = tuple(classes)
         self.input_name = input_name
@@ -80,6 +93,12 @@ class Detector:
         self.nms_iou = post_spec.nms_iou
         self.max_detections = post_spec.max_detections
         self.batch_size = max(1, int(batch_size))
+        # ONNX Runtime cannot execute TensorRT's EfficientNMS_TRT: it runs the graph up to the plugin's inputs and
+        # the plugin's numpy reference (runtime.efficient_nms) finishes on the host.
+        plugin_on_host = nms == "efficient-nms-trt" and isinstance(self.runner, OrtRunner)
+        if plugin_on_host:
+            self.runner.stop_at = PLUGIN_INPUTS
+        self.postprocess = build_postprocess(post_spec, plugin_on_host)
         self.last_times = StageTimes()  # of the last detect() call
         self.cumulative_times = StageTimes()  # of every call since construction (tiling makes several per scene)
 
@@ -155,6 +174,8 @@ class Detector:
             outputs, infer_s = self._run(batch)
             t2 = time.perf_counter()
             dets = [d for out in outputs for d in self.postprocess.from_outputs(out, self.input_size)]
+            if self.min_score is not None:
+                dets = [_above(d, self.min_score) for d in dets]
             results.extend(Detections(tf.boxes_to_original(d.boxes), d.scores, d.labels)
                            for d, tf in zip(dets, transforms))
             t3 = time.perf_counter()
@@ -176,10 +197,17 @@ class Detector:
         manifest = self.bundle.manifest if self.bundle is not None else None
         return {"backend": self.choice.backend, "model_file": self.choice.model_path.name,
                 "precision": self.choice.precision, "why": self.choice.reason, "runner": info,
-                "input_size": list(self.input_size), "score_thresh": self.post_spec.score_thresh,
-                "nms_iou": self.nms_iou, "max_detections": self.max_detections,
+                "input_size": list(self.input_size),
+                "score_thresh": self.min_score if self.min_score is not None else self.post_spec.score_thresh,
+                "nms_iou": self.nms_iou, "max_detections": self.max_detections, "nms": self.nms,
+                "postprocess": type(self.postprocess).__name__,
                 "pipeline": manifest.pipeline if manifest else None, "target": manifest.target if manifest else None,
                 "model_role": manifest.model_role if manifest else None}
+
+
+def _above(dets: Detections, min_score: float) -> Detections:
+    keep = dets.scores > min_score
+    return Detections(dets.boxes[keep], dets.scores[keep], dets.labels[keep])
 
 
 def default_report_path(detector: Detector, stem: str) -> Path:

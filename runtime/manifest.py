@@ -127,6 +127,10 @@ class Manifest(_Strict):
     files: dict[str, FileEntry]
     versions: dict[str, str] = Field(default_factory=dict)
     tensorrt: TensorRTInfo = Field(default_factory=TensorRTInfo)
+    # Where non-maximum suppression runs: on the host (runtime.nms), in the graph as ONNX NonMaxSuppression, or in
+    # the graph as TensorRT's EfficientNMS_TRT plugin (ONNX Runtime then stops at the plugin's inputs and the host
+    # applies runtime.efficient_nms, the plugin's numpy reference).
+    nms: Literal["host", "onnx-nms", "efficient-nms-trt"] = "host"
     created: datetime = Field(default_factory=lambda: datetime.now(timezone.utc).replace(microsecond=0))
     notes: str = ""
 

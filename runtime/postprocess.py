@@ -4,6 +4,9 @@
 threshold, the top-k of them, box decoding (BoxCoder weights, dw/dh clamped at log(1000/16)) from the anchors of
 :mod:`runtime.anchors`, clipping to the image; then class-wise NMS over all levels and the best ``max_detections``.
 ``DetectionsPostprocess`` handles networks whose graph already ends in boxes / scores / labels (Faster R-CNN).
+``PaddedDetectionsPostprocess`` reads the fixed-size outputs of a graph that ends in NMS (ONNX NonMaxSuppression or
+TensorRT's EfficientNMS_TRT: ``num_detections`` [B, 1] + [B, max] slots); ``EfficientNmsReference`` produces those
+outputs on the host from the plugin's inputs where the plugin cannot run (runtime.efficient_nms).
 Boxes come out in network-input pixels; ``Transform.boxes_to_original`` maps them back to the image.
 """
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from runtime.anchors import AnchorSpec, generate_anchors
 from runtime.boxes import clip_boxes
+from runtime.efficient_nms import PLUGIN_INPUTS, PLUGIN_OUTPUTS, EfficientNmsAttributes, efficient_nms
 from runtime.errors import UserError
 from runtime.nms import batched_nms
 
@@ -29,7 +33,9 @@ class PostprocessSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["retinanet", "detections"]
+    # retinanet: raw head outputs, NMS on the host; detections: variable-length boxes/scores/labels (Faster R-CNN);
+    # padded: the graph ends in NMS with fixed [B, max_detections] outputs and a count per image.
+    kind: Literal["retinanet", "detections", "padded"]
     num_classes: int = Field(gt=0)
     anchors: AnchorSpec | None = None
     score_thresh: float = Field(0.05, ge=0, lt=1)
@@ -101,15 +107,20 @@ def _select(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, keep: np.
 
 
 class RetinaNetPostprocess:
-    """RetinaNet head outputs (concatenated over P3-P7) -> Detections, as torchvision's postprocess_detections."""
+    """RetinaNet head outputs (concatenated over P3-P7) -> Detections, as torchvision's postprocess_detections.
+
+    Vectorised: one threshold pass over every level's logits (in logit space: the sigmoid is monotonic, so only the
+    candidates pay for it), one ``np.argpartition`` per level that has more than ``topk_candidates`` of them, one
+    decoding of the kept candidates only, and class-wise NMS in OpenCV (runtime.nms).
+    """
 
     def __init__(self, spec: PostprocessSpec):
         if spec.kind != "retinanet" or spec.anchors is None:
             raise ValueError(f"RetinaNetPostprocess needs a 'retinanet' spec with anchors, got kind {spec.kind!r}")
         self.spec = spec
         thresh = spec.score_thresh
-        # Threshold on logits first (sigmoid is monotonic) so only candidates pay for the sigmoid; the margin keeps
-        # float32 rounding at the boundary on the safe side, the exact test on scores follows.
+        # A margin keeps float32 rounding of the logit at the boundary on the safe side; the exact test on the
+        # sigmoid scores (torchvision's `score > thresh`) follows.
         self._logit_floor = -np.inf if thresh <= 0 else math.log(thresh / (1 - thresh)) - 1e-3
 
     def __call__(self, cls_logits: np.ndarray, bbox_regression: np.ndarray, image_size: tuple[int, int]) -> Detections:
@@ -124,26 +135,24 @@ class RetinaNetPostprocess:
                 f"match {len(anchors)} anchors x {spec.num_classes} classes for input {tuple(image_size)}",
                 "postprocess", "the manifest's anchors, num_classes and input size must be those of the exported model")
         num_classes = spec.num_classes
-        all_boxes, all_scores, all_labels = [], [], []
-        start = 0
-        for count in per_level:
-            stop = start + count
-            flat = cls_logits[start:stop].reshape(-1)
-            idx = np.flatnonzero(flat > self._logit_floor)
-            scores = sigmoid(flat[idx])
-            keep = scores > spec.score_thresh
-            idx, scores = idx[keep], scores[keep]
-            top = _top_k(scores, min(spec.topk_candidates, idx.size))
-            idx, scores = idx[top], scores[top]
-            anchor_idx = start + idx // num_classes
-            boxes = decode_boxes(bbox_regression[anchor_idx], anchors[anchor_idx], spec.box_coder_weights)
-            all_boxes.append(clip_boxes(boxes, image_size[1], image_size[0]))
-            all_scores.append(scores)
-            all_labels.append(idx % num_classes)
-            start = stop
-        boxes = np.concatenate(all_boxes)
-        scores = np.concatenate(all_scores)
-        labels = np.concatenate(all_labels).astype(np.int64)
+        flat = cls_logits.reshape(-1)
+        idx = np.flatnonzero(flat > self._logit_floor)  # flat (anchor, class) indices, in level order
+        scores = sigmoid(flat[idx])
+        passed = scores > spec.score_thresh
+        idx, scores = idx[passed], scores[passed]
+        # Candidates of each level are a contiguous run of idx: per-level top-k is one argpartition per long run.
+        edges = np.searchsorted(idx, np.cumsum((0, *per_level)) * num_classes)
+        picked = []
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            if hi - lo > spec.topk_candidates:
+                picked.append(lo + np.argpartition(-scores[lo:hi], spec.topk_candidates - 1)[:spec.topk_candidates])
+            else:
+                picked.append(np.arange(lo, hi))
+        chosen = np.sort(np.concatenate(picked))  # index order: ties then rank as torchvision's stable sorts
+        idx, scores = idx[chosen], scores[chosen]
+        anchor_idx, labels = np.divmod(idx, num_classes)
+        boxes = clip_boxes(decode_boxes(bbox_regression[anchor_idx], anchors[anchor_idx], spec.box_coder_weights),
+                           image_size[1], image_size[0])
         keep = batched_nms(boxes, scores, labels, spec.nms_iou, max_keep=spec.max_detections)
         return _select(boxes, scores, labels, keep)
 
@@ -179,6 +188,54 @@ class DetectionsPostprocess:
         return [self(b, s, lab, image_size) for b, s, lab in zip(boxes, scores, labels)]
 
 
+class PaddedDetectionsPostprocess:
+    """Fixed-size NMS outputs (num_detections [B, 1], detection_boxes [B, M, 4], detection_scores [B, M],
+    detection_classes [B, M]) -> the first num_detections of each image, clipped. The graph's NMS applied the score
+    threshold already; slots scored 0 are dropped (EfficientNMS_TRT's dense kernel, used below a 0.007 threshold,
+    fills them with below-threshold elements)."""
+
+    def __init__(self, spec: PostprocessSpec):
+        self.spec = spec
+
+    def from_outputs(self, outputs: Mapping[str, np.ndarray], image_size: tuple[int, int]) -> list[Detections]:
+        """Post-process a batch of padded NMS outputs (the names EfficientNMS_TRT gives them)."""
+        count, boxes, scores, classes = _named(outputs, PLUGIN_OUTPUTS)
+        if boxes.ndim == 2:
+            count, boxes, scores, classes = count[None], boxes[None], scores[None], classes[None]
+        results = []
+        for n, b, s, c in zip(count.reshape(len(boxes), -1)[:, 0], boxes, scores, classes):
+            n = int(min(max(n, 0), len(s)))
+            s = np.asarray(s[:n], np.float32)
+            labels = np.asarray(c[:n], np.int64) - self.spec.label_offset
+            keep = np.flatnonzero((s > 0) & (labels >= 0) & (labels < self.spec.num_classes))
+            results.append(_select(clip_boxes(np.asarray(b[:n], np.float32), image_size[1], image_size[0]), s, labels, keep))
+        return results
+
+
+class EfficientNmsReference:
+    """Runs the numpy reference of EfficientNMS_TRT on the plugin's inputs (``decoded_boxes``, ``cls_logits``),
+    then reads its padded outputs: how ONNX Runtime serves a bundle whose graph ends in the TensorRT plugin."""
+
+    def __init__(self, spec: PostprocessSpec):
+        self.spec = spec
+        self.attributes = efficient_nms_attributes(spec)
+        self.padded = PaddedDetectionsPostprocess(spec)
+
+    def from_outputs(self, outputs: Mapping[str, np.ndarray], image_size: tuple[int, int]) -> list[Detections]:
+        """Plugin inputs of a batch -> reference NMS -> Detections."""
+        boxes, logits = _named(outputs, PLUGIN_INPUTS)
+        if boxes.ndim == 2:
+            boxes, logits = boxes[None], logits[None]
+        return self.padded.from_outputs(efficient_nms(boxes, logits, self.attributes), image_size)
+
+
+def efficient_nms_attributes(spec: PostprocessSpec) -> EfficientNmsAttributes:
+    """The EfficientNMS_TRT attributes that apply ``spec``'s thresholds to raw logits and decoded corner boxes."""
+    return EfficientNmsAttributes(score_threshold=spec.score_thresh, iou_threshold=spec.nms_iou,
+                                  max_output_boxes=spec.max_detections, background_class=-1, score_activation=True,
+                                  box_coding=0)
+
+
 def _named(outputs: Mapping[str, np.ndarray], names: tuple[str, ...]) -> list[np.ndarray]:
     missing = [n for n in names if n not in outputs]
     if missing:
@@ -187,6 +244,14 @@ def _named(outputs: Mapping[str, np.ndarray], names: tuple[str, ...]) -> list[np
     return [np.asarray(outputs[n]) for n in names]
 
 
-def build_postprocess(spec: PostprocessSpec) -> RetinaNetPostprocess | DetectionsPostprocess:
-    """The post-processor for ``spec.kind``."""
-    return RetinaNetPostprocess(spec) if spec.kind == "retinanet" else DetectionsPostprocess(spec)
+Postprocess = RetinaNetPostprocess | DetectionsPostprocess | PaddedDetectionsPostprocess | EfficientNmsReference
+
+
+def build_postprocess(spec: PostprocessSpec, plugin_on_host: bool = False) -> Postprocess:
+    """The post-processor for ``spec.kind``; ``plugin_on_host``: the backend runs the graph only up to the
+    EfficientNMS_TRT plugin, whose numpy reference then runs here."""
+    if plugin_on_host:
+        return EfficientNmsReference(spec)
+    kinds = {"retinanet": RetinaNetPostprocess, "detections": DetectionsPostprocess,
+             "padded": PaddedDetectionsPostprocess}
+    return kinds[spec.kind](spec)

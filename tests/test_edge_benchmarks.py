@@ -1,6 +1,7 @@
-"""Edge-student benchmarks on a tiny configuration: latency-only reports time the sibling pipelines' students, the
-scene benchmark tiles like runtime.infer, micro-timings are medians of >= 20 calls. Structure only: benchmarks
-print and save numbers, tests never judge timings."""
+"""Edge benchmarks on a tiny configuration: latency-only reports time the sibling pipelines' students, the scene
+benchmark tiles like runtime.infer, micro-timings are medians of >= 20 calls, the post-processing and
+calibration-cost benchmarks run and compare what they say they compare. Structure only: benchmarks print and save
+numbers, tests never judge timings."""
 from __future__ import annotations
 
 import copy
@@ -12,7 +13,7 @@ import pytest
 import yaml
 from conftest import PIPELINE, tiny_config
 
-from benchmarks import distill_cost, report, scene_bench
+from benchmarks import calibration_cost, distill_cost, postprocess_cost, report, scene_bench
 from benchmarks.latency_only import latency_models, random_checkpoint, sibling_pipelines
 from benchmarks.timing import MIN_CALLS, measure, measure_interleaved
 from distill.checkpoint import load_checkpoint
@@ -160,3 +161,42 @@ def test_distill_cost_refuses_fewer_than_twenty_calls(tmp_path: Path):
     with pytest.raises(UserError, match=f"--iters >= {MIN_CALLS}"):
         distill_cost.main(["--tiny", "--iters", "5", "--json", str(tmp_path / "c.json")])
     assert not (tmp_path / "c.json").exists()
+
+
+def test_postprocess_benchmark_compares_equal_outputs():
+    result = postprocess_cost.run(256, 5, 30, iters=20, warmup=1)
+    assert result["equal_to_torchvision"] and result["detections"] > 0
+    assert result["candidates_above_0.05"] > 100
+    assert all(t["iters"] == 20 and t["median_ms"] > 0 and t["statistic"] == "median" for t in result["timings"].values())
+
+
+def test_postprocess_benchmark_refuses_too_few_calls():
+    with pytest.raises(UserError, match=">= 20"):
+        postprocess_cost.main(["--iters", "5"])
+
+
+@pytest.mark.slow
+def test_calibration_cost_measures_each_count_in_a_subprocess(tmp_path: Path):
+    config = tiny_config(tmp_path)
+    out = tmp_path / "cost.json"
+    code = calibration_cost.main(["--config", str(config), "--model", "tiny_student", "--size", "64",
+                                  "--classes", "3", "--counts", "1", "2", "--configs", "ort-u8s8:minmax",
+                                  "ort-symmetric:percentile", "--work-dir", str(tmp_path / "work"), "--json", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [(r["config"], r["images"]) for r in rows] == [
+        (c, n) for n in (1, 2) for c in ("ort-u8s8:minmax", "ort-symmetric:percentile")]
+    assert all(r["peak_rss_mib"] > 50 and r["wall_s"] > 0 and r["cpu_s"] > 0
+               and r["calibration"]["images"] == r["images"] for r in rows)
+    assert {s["config"] for s in result["summary"]} == {"ort-u8s8:minmax", "ort-symmetric:percentile"}
+    assert result["machine"]["cpu_cores_logical"]
+
+
+def test_linear_fit_and_estimate():
+    fixed, per_image = calibration_cost.linear_fit([(1, 12.0), (3, 16.0)])
+    assert (fixed, per_image) == pytest.approx((10.0, 2.0))
+    rows = [{"config": "a", "images": 1, "process_s": 12.0, "cpu_s": 6.0},
+            {"config": "a", "images": 3, "process_s": 16.0, "cpu_s": 8.0}]
+    assert calibration_cost.estimate_s(rows, ["a"], [1, 3, 10]) == pytest.approx(30.0)
+    assert calibration_cost.estimate_s(rows, ["a"], [1, 3, 10], "cpu_s") == pytest.approx(15.0)

@@ -1,4 +1,5 @@
-"""ONNX export: named I/O at a fixed size, ONNX Runtime equals PyTorch (Polygraphy), in-graph NMS and Faster R-CNN."""
+"""ONNX export: named I/O at a fixed size, ONNX Runtime equals PyTorch (Polygraphy), in-graph NMS tails (ONNX
+NonMaxSuppression, TensorRT's EfficientNMS_TRT) and Faster R-CNN."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,10 +13,13 @@ import torch
 from deploy.build import _anchor_spec
 from deploy.export import ExportOnnx, SimplifyOnnx, deploy_network, onnx_io
 from deploy.fidelity import check_fidelity, ort_session
+from deploy.nms_graph import plan_nms
 from distill.models import build_detector
 from runtime.anchors import generate_anchors
 from runtime.errors import UserError
-from runtime.postprocess import PostprocessSpec, RetinaNetPostprocess
+from runtime.backends.ort import graph_until
+from runtime.efficient_nms import PLUGIN_INPUTS, PLUGIN_OP, PLUGIN_OUTPUTS
+from runtime.postprocess import EfficientNmsReference, PaddedDetectionsPostprocess, PostprocessSpec
 from runtime.preprocess import PreprocessSpec, preprocess_batch, read_image
 
 from data_fixtures import DOTA_SAMPLES
@@ -108,37 +112,110 @@ def test_runtime_anchors_match_the_model(retina):
     assert per_level == (576, 144, 36, 9, 9) and anchors.shape == (774, 4)
 
 
-def test_graph_nms_equals_torchvision_and_host_postprocess(tmp_path):
-    model = tiny(score_thresh=0.005)  # random init scores ~0.01: a threshold below gives detections to compare
-    net = deploy_network(model, SIZE, nms="graph")
-    path = SimplifyOnnx(ExportOnnx(net, tmp_path / "nms.onnx", SIZE))()
-    assert "NonMaxSuppression" in all_ops(onnx.load(str(path)).graph)
-    feed = real_feeds(1)[0]
-    boxes, scores, labels = ort_session(path).run(None, feed)
-    assert len(scores) > 0
-    # torchvision's own eval forward on the un-normalised image
-    x = torch.from_numpy(feed["images"])
-    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
-    unnormalised = x * std[:, None, None] + mean[:, None, None]
-    with torch.no_grad():
-        ref = model(list(unnormalised))[0]
-    np.testing.assert_allclose(boxes, ref["boxes"].numpy(), atol=1e-3)
-    np.testing.assert_array_equal(labels, ref["labels"].numpy())
-    # the host path: raw outputs + runtime.postprocess give the same detections
-    raw = deploy_network(model, SIZE)
-    with torch.no_grad():
-        cls_logits, bbox = raw.module(x)
-    spec = PostprocessSpec(kind="retinanet", num_classes=CLASSES, anchors=_anchor_spec(model, SIZE),
-                           score_thresh=0.005, topk_candidates=1000)
-    host = RetinaNetPostprocess(spec)(cls_logits[0].numpy(), bbox[0].numpy(), (SIZE, SIZE))
-    np.testing.assert_allclose(host.boxes, boxes, atol=1e-3)
-    np.testing.assert_allclose(host.scores, scores, atol=1e-5)
+def _post(model, score_thresh: float, topk: int = 1000) -> PostprocessSpec:
+    """The deploy post-processing spec, with the same thresholds set on the torchvision model."""
+    model.score_thresh, model.topk_candidates, model.detections_per_img, model.nms_thresh = score_thresh, topk, 100, 0.5
+    return PostprocessSpec(kind="retinanet", num_classes=CLASSES, anchors=_anchor_spec(model, SIZE),
+                           score_thresh=score_thresh, max_detections=100, topk_candidates=topk)
 
 
-def test_graph_nms_is_batch_one(retina, tmp_path):
-    net = deploy_network(retina, SIZE, nms="graph")
-    with pytest.raises(UserError, match="batch 1"):
-        ExportOnnx(net, tmp_path / "x.onnx", SIZE, dynamic_batch=True)()
+def _tailed(model, kind: str, tmp_path: Path, post: PostprocessSpec, batch: int | None = None) -> tuple[Path, object]:
+    """The raw network exported (dynamic batch unless `batch`) with the `kind` NMS tail appended."""
+    net = deploy_network(model, SIZE)
+    path = SimplifyOnnx(ExportOnnx(net, tmp_path / f"{kind}.onnx", SIZE, dynamic_batch=batch is None))()
+    plan = plan_nms("graph", net, model, post, SIZE, "onnxruntime" if kind == "onnx-nms" else "tensorrt", batch, 17)
+    plan.attach([path])
+    return path, plan
+
+
+def head_outputs(batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Head outputs with spread scores (thousands above 0.05: the per-level top-k and NMS both have work)."""
+    rng = np.random.default_rng(seed)
+    return (rng.normal(-3, 2, (batch, 774, CLASSES)).astype(np.float32),
+            rng.normal(0, 0.3, (batch, 774, 4)).astype(np.float32))
+
+
+def torchvision_postprocess(model, cls_logits: np.ndarray, bbox: np.ndarray) -> list[dict]:
+    """torchvision's RetinaNet.postprocess_detections on the same raw outputs (per image, per level)."""
+    anchors, per_level = generate_anchors(_anchor_spec(model, SIZE), (SIZE, SIZE))
+    split = lambda x: list(torch.from_numpy(x).split(list(per_level), dim=1))  # noqa: E731
+    anchor_list = [list(torch.from_numpy(anchors.copy()).split(list(per_level)))] * len(cls_logits)
+    with torch.no_grad():
+        return model.postprocess_detections({"cls_logits": split(cls_logits), "bbox_regression": split(bbox)},
+                                            anchor_list, [(SIZE, SIZE)] * len(cls_logits))
+
+
+def test_onnx_nms_tail_equals_torchvision_for_a_batch(retina, tmp_path):
+    """--nms onnx-nms: one ONNX NonMaxSuppression, fixed [B, 100] outputs + count, = torchvision for B = 3."""
+    post = _post(retina, 0.05, topk=200)  # 200 per level: P3 (1728 scores) needs its top-k
+    path, plan = _tailed(retina, "onnx-nms", tmp_path, post)
+    graph = onnx.load(str(path)).graph
+    assert [n.op_type for n in graph.node].count("NonMaxSuppression") == 1
+    assert [o.name for o in graph.output] == list(PLUGIN_OUTPUTS)
+    # The tail alone (the network's outputs are its inputs) against torchvision on the same raw outputs.
+    cls_logits, bbox = head_outputs(3)
+    tail_only = ort_session(plan.tail).run(None, {"cls_logits": cls_logits, "bbox_regression": bbox})
+    count, boxes, scores, classes = tail_only
+    assert count.shape == (3, 1) and count.dtype == np.int32 and boxes.shape == (3, 100, 4)
+    assert classes.dtype == np.int32
+    for b, ref in enumerate(torchvision_postprocess(retina, cls_logits, bbox)):
+        n = int(count[b, 0])
+        assert n == len(ref["scores"]) > 50
+        np.testing.assert_allclose(boxes[b, :n], ref["boxes"].numpy(), rtol=0, atol=1e-3)
+        np.testing.assert_allclose(scores[b, :n], ref["scores"].numpy(), rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(classes[b, :n], ref["labels"].numpy())
+        assert not boxes[b, n:].any() and not scores[b, n:].any()  # padding
+    # The whole graph runs a batch; the runtime reads its padded outputs.
+    images = np.concatenate([f["images"] for f in real_feeds(2)])
+    outputs = dict(zip(PLUGIN_OUTPUTS, ort_session(path).run(None, {"images": images})))
+    assert outputs["detection_boxes"].shape == (2, 100, 4)
+    dets = PaddedDetectionsPostprocess(plan.postprocess).from_outputs(outputs, (SIZE, SIZE))
+    assert len(dets) == 2 and len(dets[1]) == outputs["num_detections"][1, 0]
+
+
+def test_efficient_nms_tail_is_the_tensorrt_plugin(tmp_path):
+    """--nms efficient-nms-trt: decoding in the graph + one EfficientNMS_TRT node with the plugin's attributes;
+    ONNX Runtime cannot load it, but runs the graph up to the plugin, and the reference finishes."""
+    model = tiny()
+    post = _post(model, 0.3)
+    path, plan = _tailed(model, "efficient-nms-trt", tmp_path, post, batch=1)
+    graph = onnx.load(str(path)).graph
+    (node,) = [n for n in graph.node if n.op_type == PLUGIN_OP]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs == {"score_threshold": pytest.approx(0.3), "iou_threshold": pytest.approx(0.5),
+                     "max_output_boxes": 100, "background_class": -1, "score_activation": 1, "box_coding": 0,
+                     "plugin_version": b"1"}
+    assert list(node.input) == list(PLUGIN_INPUTS) and list(node.output) == list(PLUGIN_OUTPUTS)
+    assert [(o.name, o.type.tensor_type.elem_type) for o in graph.output] == [
+        ("num_detections", onnx.TensorProto.INT32), ("detection_boxes", onnx.TensorProto.FLOAT),
+        ("detection_scores", onnx.TensorProto.FLOAT), ("detection_classes", onnx.TensorProto.INT32)]
+    with pytest.raises(Exception, match="EfficientNMS_TRT"):
+        ort_session(path)
+    boxes, logits = ort_session(graph_until(path, PLUGIN_INPUTS)).run(None, real_feeds(1)[0])
+    assert boxes.shape == (1, 774, 4) and logits.shape == (1, 774, CLASSES)
+    # The graph up to the plugin decodes like torchvision; the reference on those inputs, with few candidates
+    # (score > 0.3, far under 4096, under 1000 per level), gives torchvision's detections.
+    cls_logits, bbox = head_outputs(1, seed=1)
+    boxes, logits = ort_session(graph_until(plan.tail, PLUGIN_INPUTS)).run(
+        None, {"cls_logits": cls_logits, "bbox_regression": bbox})
+    ours = EfficientNmsReference(plan.postprocess).from_outputs(
+        {"decoded_boxes": boxes, "cls_logits": logits}, (SIZE, SIZE))[0]
+    ref = torchvision_postprocess(model, cls_logits, bbox)[0]
+    assert 50 < len(ours) == len(ref["scores"])
+    np.testing.assert_allclose(ours.boxes, ref["boxes"].numpy(), rtol=0, atol=1e-3)
+    np.testing.assert_allclose(ours.scores, ref["scores"].numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(ours.labels, ref["labels"].numpy())
+
+
+def test_nms_choice_follows_the_target_runtime(retina):
+    net = deploy_network(retina, SIZE)
+    post = PostprocessSpec(kind="retinanet", num_classes=CLASSES, anchors=_anchor_spec(retina, SIZE))
+    assert plan_nms("host", net, retina, post, SIZE, "tensorrt", 1, 17).tail is None
+    with pytest.raises(UserError, match="TensorRT plugin"):
+        plan_nms("efficient-nms-trt", net, retina, post, SIZE, "onnxruntime", 1, 17)
+    frcnn = tiny("faster_rcnn")
+    with pytest.raises(UserError, match="Faster R-CNN"):
+        plan_nms("efficient-nms-trt", deploy_network(frcnn, SIZE), frcnn, post, SIZE, "tensorrt", 1, 17)
 
 
 def test_faster_rcnn_exports_whole_graph(tmp_path):

@@ -1,14 +1,18 @@
 """INT8 Q/DQ: the right quantizer per target, head outputs left in float, calibration rules, sensitivity pass."""
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
+
+import json
 
 import cv2
 import numpy as np
 import onnx
 import pytest
 import torch
+import yaml
 from onnx import numpy_helper
 
 from deploy import quantize as quantize_mod
@@ -16,7 +20,8 @@ from deploy.calibration import CalibrationSet, calibration_set, choose_records, 
 from deploy.export import ExportOnnx, SimplifyOnnx, deploy_network
 from deploy.fidelity import ort_session
 from deploy.gate import ModelScore, accuracy_gate, float_groups, layer_groups
-from deploy.quantize import QuantizeOnnx, head_output_nodes, int8_weight_nodes, prediction_layers
+from deploy.quantize import QuantizeOnnx, head_output_nodes, int8_weight_nodes, prediction_layers, quantized_nodes
+from deploy.ranges import ActivationRanges
 from distill.models import build_detector
 from runtime.errors import UserError
 from runtime.preprocess import preprocess_batch, read_image
@@ -100,14 +105,31 @@ def test_tensorrt_quantizer_is_symmetric(modelopt_int8):
     assert_head_outputs_float(model)
 
 
-def test_fallback_without_modelopt(fp32_path, calib, tmp_path, monkeypatch):
+def quantized_op_types(model: onnx.ModelProto) -> Counter:
+    names = quantized_nodes(model)
+    return Counter(n.op_type for n in model.graph.node if n.name in names)
+
+
+def test_fallback_without_modelopt_is_shaped_like_modelopts(fp32_path, calib, modelopt_int8, tmp_path, monkeypatch):
+    """The ONNX Runtime fallback for TensorRT targets writes what TensorRT's parser takes, as modelopt does:
+    symmetric int8, no int32 bias DequantizeLinear, float weights behind Q/DQ pairs, the same ops quantised."""
     monkeypatch.setattr(quantize_mod, "missing", lambda fmt: ["nvidia-modelopt[onnx]"])
     result = QuantizeOnnx(fp32_path, tmp_path / "int8.onnx", calib, "modelopt")()
     assert result.quantizer == "ort-symmetric" and "modelopt" in result.note
     model = onnx.load(str(result.path))
-    zero_points, _ = quant_params(model)
+    inits = {i.name: i for i in model.graph.initializer}
+    zero_points = [numpy_helper.to_array(inits[n.input[2]]) for n in model.graph.node
+                   if n.op_type == "QuantizeLinear" and len(n.input) > 2]
     assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
+    assert not [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+                and inits[n.input[0]].data_type == onnx.TensorProto.INT32]  # biases stay float
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for conv in (n for n in model.graph.node if n.name in int8_weight_nodes(model)):
+        dq = producers[conv.input[1]]
+        q = producers[dq.input[0]]  # weight -> QuantizeLinear -> DequantizeLinear -> Conv
+        assert q.op_type == "QuantizeLinear" and inits[q.input[0]].data_type == onnx.TensorProto.FLOAT
     assert_head_outputs_float(model)
+    assert quantized_op_types(model) == quantized_op_types(onnx.load(str(modelopt_int8.path)))
 
 
 def test_head_output_nodes_cover_everything_after_the_convs(fp32_path):
@@ -170,3 +192,104 @@ def test_calibration_uses_runtime_preprocessing(calib):
     manifest = calib.manifest()
     assert manifest["count"] == 4 and manifest["preprocess"]["input_size"] == [SIZE, SIZE]
     assert all(len(img["sha256"]) == 64 for img in manifest["images"])
+
+
+def _forbid_calibration(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("calibrated again instead of reusing the cached ranges")
+
+    monkeypatch.setattr(quantize_mod, "calibrate_ort", refuse)
+
+
+def test_sensitivity_requantization_reuses_cached_ranges(fp32_path, calib, tmp_path, monkeypatch):
+    """ONNX Runtime: the ranges of the first quantization are cached; re-quantizing with groups kept in float reads
+    them back instead of calibrating (same scales on the tensors both models quantize)."""
+    cache = tmp_path / "ranges.json"
+    first = QuantizeOnnx(fp32_path, tmp_path / "a.onnx", calib, "ort-u8s8", ranges_cache=cache)()
+    cached = json.loads(cache.read_text())
+    assert cached["images"] == 4 and cached["method"] == "minmax" and len(cached["ranges"]) > 30
+    _forbid_calibration(monkeypatch)
+    groups = dict(layer_groups(onnx.load(str(first.path)), 8))
+    again = QuantizeOnnx(fp32_path, tmp_path / "b.onnx", calib, "ort-u8s8", groups["layer1"], ranges_cache=cache)()
+    assert again.calibration["images"] == 4 and again.qdq["QuantizeLinear"] < first.qdq["QuantizeLinear"]
+    scales = lambda m: {n.input[0]: numpy_helper.to_array(_inits(m)[n.input[1]]).item()  # noqa: E731
+                        for n in m.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in _inits(m)}
+    a, b = scales(onnx.load(str(first.path))), scales(onnx.load(str(again.path)))
+    shared = set(a) & set(b)
+    assert len(shared) > 20 and all(a[t] == b[t] for t in shared)
+    # A cache from other inputs (another method) is not reused: it calibrates.
+    other = CalibrationSet(calib.records, calib.spec, "train", calib.dataset_root, "entropy", 0)
+    with pytest.raises(AssertionError, match="calibrated again"):
+        QuantizeOnnx(fp32_path, tmp_path / "c.onnx", other, "ort-u8s8", ranges_cache=cache)()
+
+
+def _activation_scales(model: onnx.ModelProto) -> dict[str, float]:
+    inits = _inits(model)
+    return {n.input[0]: numpy_helper.to_array(inits[n.input[1]]).item()
+            for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
+
+
+def test_modelopt_takes_our_ranges_and_reuses_them(fp32_path, calib, tmp_path, monkeypatch):
+    """modelopt places Q/DQ, the scales are deploy.ranges' (amax / 127), and re-quantizing reads the cache."""
+    cache = tmp_path / "ranges.json"
+    first = QuantizeOnnx(fp32_path, tmp_path / "a.onnx", calib, "modelopt", ranges_cache=cache)()
+    ranges = ActivationRanges.load(cache, json.loads(cache.read_text())["key"])
+    assert ranges is not None and ranges.source == "onnxruntime" and ranges.images == 4
+    scales = _activation_scales(onnx.load(str(first.path)))
+    assert len(scales) > 20
+    for tensor, scale in scales.items():
+        lo, hi = ranges.ranges[tensor]
+        assert scale == pytest.approx(max(abs(lo), abs(hi)) / 127, rel=1e-6)
+    _forbid_calibration(monkeypatch)
+    again = QuantizeOnnx(fp32_path, tmp_path / "b.onnx", calib, "modelopt", ranges_cache=cache)()
+    assert _activation_scales(onnx.load(str(again.path))) == pytest.approx(scales, rel=1e-6)
+
+
+def test_modelopt_per_node_calibration_when_asked(fp32_path, calib, tmp_path, monkeypatch):
+    """calibration.per_node hands calibration to modelopt's per-node mode (its scales are then cached)."""
+    import modelopt.onnx.quantization as mq
+
+    _forbid_calibration(monkeypatch)  # modelopt calibrates itself
+    real, seen = mq.quantize, {}
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        # Per-node calibration is modelopt's (slow on a loaded CPU); here only that it is asked for is checked.
+        return real(*args, **{**kwargs, "calibrate_per_node": False})
+
+    monkeypatch.setattr(mq, "quantize", spy)
+    per_node = CalibrationSet(calib.records, calib.spec, "train", calib.dataset_root, "max", 0, per_node=True)
+    cache = tmp_path / "ranges.json"
+    result = QuantizeOnnx(fp32_path, tmp_path / "a.onnx", per_node, "modelopt", ranges_cache=cache)()
+    assert seen["calibrate_per_node"] is True and "calibration_cache_path" not in seen
+    assert result.calibration["source"] == "modelopt" and result.qdq["QuantizeLinear"] > 20
+    assert json.loads(cache.read_text())["extra"] == {"per_node": True}
+
+
+def _inits(model: onnx.ModelProto) -> dict:
+    return {i.name: i for i in model.graph.initializer}
+
+
+def test_empty_calibration_set_is_one_clear_error(fp32_path, tmp_path):
+    empty = CalibrationSet([], preprocess_spec(SIZE), "train", str(tmp_path), "minmax", 0)
+    with pytest.raises(UserError, match="calibration set is empty") as err:
+        QuantizeOnnx(fp32_path, tmp_path / "int8.onnx", empty, "ort-u8s8")()
+    assert "--calib-images" in err.value.line()
+    assert not (tmp_path / "int8.onnx").exists()
+    with pytest.raises(UserError, match="no images"):
+        choose_records([], 4, 0, "data split 'train'")
+
+
+def test_calibration_count_defaults_to_500_or_the_whole_split(tmp_path):
+    from conftest import tiny_config
+    from runtime.config import load_config
+
+    config = tiny_config(tmp_path)
+    data = yaml.safe_load(config.read_text())
+    del data["pipelines"]["tiny"]["calibration"]["images"]  # the pipeline names no count
+    config.write_text(yaml.safe_dump(data))
+    pipe = load_config(config).pipeline()
+    assert pipe.calibration.images == 500
+    assert len(calibration_set(pipe, SIZE)) == 12  # the whole (12-image) split: it has fewer than 500
+    with pytest.raises(UserError, match="found 12, 20 requested"):
+        calibration_set(pipe, SIZE, 20)  # an explicit count is exact

@@ -44,11 +44,43 @@ def gpu_present() -> bool:
     return any(os.path.exists(node) for node in nodes)
 
 
+def graph_until(source: str | Path | Any, outputs: tuple[str, ...]) -> bytes:
+    """The ONNX model (a path or a ModelProto) cut so that ``outputs`` are its outputs, serialized (needs onnx)."""
+    path = source if isinstance(source, (str, Path)) else "model"
+    try:
+        import onnx
+    except ImportError:
+        raise UserError("running this graph without its TensorRT plugin needs the onnx package", str(path),
+                        "pip install onnx, or run the bundle's TensorRT engine (--backend trt)") from None
+    if isinstance(source, (str, Path)):
+        model = onnx.load(str(source))
+    else:
+        model = onnx.ModelProto()
+        model.CopyFrom(source)
+    known = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
+    missing = [name for name in outputs if name not in known]
+    if missing:
+        raise UserError(f"the graph has no tensors {missing} to stop at", str(path), "rebuild the bundle")
+    needed, kept = set(outputs), []
+    for node in reversed(model.graph.node):  # graph order is topological: walk back from the wanted tensors
+        if needed & set(node.output):
+            kept.append(node)
+            needed |= set(node.input)
+    del model.graph.node[:]
+    model.graph.node.extend(reversed(kept))
+    typed = {v.name: v for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    typed.update({v.name: v for v in model.graph.output})
+    del model.graph.output[:]
+    model.graph.output.extend(typed.get(name) or onnx.helper.make_empty_tensor_value_info(name) for name in outputs)
+    return model.SerializeToString()
+
+
 class OrtRunner(Runner):
     """Runs an ONNX file with ONNX Runtime on the given device ('cpu', 'cuda' or 'trt' execution provider)."""
 
     def __init__(self, model_path: str | Path, device: Device = "cpu", threads: int | None = None,
-                 strict: bool = True, trt_cache_dir: str | Path | None = None, int8: bool = False):
+                 strict: bool = True, trt_cache_dir: str | Path | None = None, int8: bool = False,
+                 stop_at: tuple[str, ...] = ()):
         if device not in PROVIDER_CHAINS:
             raise ValueError(f"device must be one of {list(PROVIDER_CHAINS)}, got {device!r}")
         super().__init__(f"ort-{device}")
@@ -58,6 +90,9 @@ class OrtRunner(Runner):
         self.strict = strict  # False: accept a fallback to a lesser provider (auto selection)
         self.trt_cache_dir = Path(trt_cache_dir) if trt_cache_dir else self.model_path.parent / "trt_cache"
         self.int8 = int8
+        # Tensors to end the graph at (what follows is dropped before loading): a graph that ends in a TensorRT
+        # plugin runs up to the plugin's inputs (runtime.efficient_nms applies the plugin's reference after).
+        self.stop_at = tuple(stop_at)
         self.session: Any = None
         self.providers: list[str] = []
 
@@ -92,7 +127,8 @@ class OrtRunner(Runner):
             # silence the process-wide logger meanwhile (a forced provider keeps onnxruntime's reason on stderr).
             ort.set_default_logger_severity(4)
         try:
-            self.session = ort.InferenceSession(str(self.model_path), sess_options=options,
+            model = graph_until(self.model_path, self.stop_at) if self.stop_at else str(self.model_path)
+            self.session = ort.InferenceSession(model, sess_options=options,
                                                 providers=self._provider_list())
         except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
             first_line = (str(exc).splitlines() or [""])[0]
