@@ -240,6 +240,19 @@ def _scaled(dets: Detections, scale: int) -> Detections:
     return Detections(dets.boxes * scale, dets.scores, dets.labels)
 
 
+def report_models(opts: ReportOptions, cfg: ProjectConfig, pipe: Pipeline) -> tuple[Path, list[Model], list[str]]:
+    """The report's output directory, its models (trained bundles, or with --latency-only untrained networks built
+    into OUT/bundles) and the notes that describe them; benchmarks.scene_bench times the same models."""
+    suffix = "-latency-only" if opts.latency_only else ""
+    out_dir = Path(opts.out) if opts.out else cfg.path("reports") / pipe.name / f"{opts.target}{suffix}"
+    notes: list[str] = []
+    if opts.latency_only:
+        models = untrained_models(opts, pipe, out_dir, out_dir / "bundles", notes)
+    else:
+        models = trained_models(opts, cfg, pipe, cfg.path(cfg.artifacts_dir) / pipe.name / opts.target)
+    return out_dir, models, notes
+
+
 def make_report(opts: ReportOptions, steps: list[dict[str, Any]] | None = None,
                 console: Console | None = None) -> tuple[Results, Path]:
     """Measure, plot and write the report; returns the results and the output directory."""
@@ -252,13 +265,7 @@ def make_report(opts: ReportOptions, steps: list[dict[str, Any]] | None = None,
     backend = opts.backend or ("ort-cpu" if target.runtime == "onnxruntime" else "auto")
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}", where="--backend", fix=f"choose one of {', '.join(BACKENDS)}")
-    suffix = "-latency-only" if opts.latency_only else ""
-    out_dir = Path(opts.out) if opts.out else cfg.path("reports") / pipe.name / f"{opts.target}{suffix}"
-    notes: list[str] = []
-    if opts.latency_only:
-        models = untrained_models(opts, pipe, out_dir, out_dir / "bundles", notes)
-    else:
-        models = trained_models(opts, cfg, pipe, cfg.path(cfg.artifacts_dir) / pipe.name / opts.target)
+    out_dir, models, notes = report_models(opts, cfg, pipe)
     variants = variants_of(models)
     data = None if opts.latency_only else eval_split(opts, pipe, models[0].bundle)
     console.print(f"measuring {len(variants)} models side by side ({opts.iters} rounds"

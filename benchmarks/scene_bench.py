@@ -143,7 +143,7 @@ def run(opts: Any, settings: SceneSettings, out_json: Path | None = None, consol
 
     `opts` is a benchmarks.report.ReportOptions (pipeline, target, latency_only, out, iters, warmup, threads, ...).
     """
-    from benchmarks.report import trained_models, untrained_models, variants_of
+    from benchmarks.report import report_models, variants_of
 
     console = console or Console()
     settings.check()
@@ -152,13 +152,7 @@ def run(opts: Any, settings: SceneSettings, out_json: Path | None = None, consol
     cfg = load_config(opts.config, opts.overrides, opts.pipeline)
     pipe = cfg.pipeline(opts.pipeline)
     target = cfg.target(opts.target)
-    suffix = "-latency-only" if opts.latency_only else ""
-    out_dir = Path(opts.out) if opts.out else cfg.path("reports") / pipe.name / f"{opts.target}{suffix}"
-    notes: list[str] = []
-    if opts.latency_only:
-        models = untrained_models(opts, pipe, out_dir, out_dir / "bundles", notes)
-    else:
-        models = trained_models(opts, cfg, pipe, cfg.path(cfg.artifacts_dir) / pipe.name / opts.target)
+    out_dir, models, notes = report_models(opts, cfg, pipe)
     variants = scene_variants(variants_of(models))
     image, objects = synthetic_scene(pipe, settings, out_dir / f"scene_{settings.scene_size}.png")
     tiles = len(tile_grid(image.shape[1], image.shape[0], settings.tile, settings.overlap))
