@@ -1,30 +1,47 @@
-"""Class-wise non-maximum suppression through OpenCV's ``cv2.dnn.NMSBoxesBatched``, equal to torchvision's.
+"""Class-wise non-maximum suppression equal to torchvision's, through a library kernel.
 
-OpenCV's conventions, checked against ``torchvision.ops.batched_nms`` in tests/test_postprocess.py: boxes go in as
-(x, y, w, h) Rect2d (float64, no +1 on the width or height), IoU = inter / (area_a + area_b - inter), a box is
-suppressed when its IoU with a kept box is strictly greater than the threshold, candidates are visited in
-descending score order, ties in index order (a stable sort, as torchvision's CPU kernel). Three differences are
-handled here:
+Two kernels, checked against ``torchvision.ops.nms`` / ``batched_nms`` in tests/test_postprocess.py:
 
-- scores are passed as ranks (n, n-1, ..., 1) of a stable descending sort, so OpenCV's visiting order is exactly
-  torchvision's whatever the scores are (ties, zeros, negatives; OpenCV only takes scores above a threshold >= 0);
-- OpenCV counts two zero-area boxes as identical (IoU 1) where torchvision gets 0/0 = NaN and keeps both: a box
-  without a positive width and height never suppresses nor is suppressed in torchvision, so such boxes bypass
-  OpenCV and are always kept;
-- OpenCV computes the IoU in double, torchvision in float32: results can differ only for an IoU within float32
-  rounding (~1e-7) of the threshold.
+- **onnxruntime** (used whenever onnxruntime and onnx are installed, i.e. every CPU or GPU install of the runtime):
+  the ONNX ``NonMaxSuppression`` operator in a one-node session. Its IoU is torchvision's to the bit: float32,
+  inter / (area_kept + area_other - inter), suppression when strictly greater than the threshold, no +1. Boxes go in
+  as given (the operator's [y1, x1, y2, x2] order only swaps the roles of x and y, which leaves every product and
+  sum the same), each candidate scores its rank in its own class row and 0 elsewhere (the operator runs per class).
+- **opencv** (a TensorRT-only Jetson install without onnxruntime): ``cv2.dnn.NMSBoxesBatched``, IoU in double (it
+  can differ from torchvision's only for an IoU within float32 rounding, ~1e-7, of the threshold); all classes in
+  one pass, separated by shifting their boxes apart.
 
-NMSFast compares each candidate with every box kept so far, all classes together (it separates classes by shifting
-their boxes apart). With ``max_keep`` the work is bounded by running NMS on growing score-ordered prefixes: whether
-a box survives depends only on higher-scoring boxes, so the result on a prefix is exact for that prefix, and the
-first prefix that yields ``max_keep`` survivors gives the answer.
+What both need from here:
+
+- scores are passed as ranks (n, n-1, ..., 1) of a stable descending sort, so the visiting order is exactly
+  torchvision's whatever the scores are (ties in index order, zeros, negatives);
+- a box without a positive width and height never suppresses nor is suppressed in torchvision (0/0 = NaN), while
+  the kernels count two empty boxes as identical or reorder flipped corners: such boxes bypass the kernel and are
+  always kept.
+
+With ``max_keep`` the work is bounded by running NMS on growing score-ordered prefixes: whether a box survives
+depends only on higher-scoring boxes, so the result on a prefix is exact for that prefix, and the first prefix that
+yields ``max_keep`` survivors gives the answer. The prefixes are processed incrementally: a suppressed box never
+suppresses anything (greedy NMS only lets kept boxes suppress), so the survivors of one prefix followed by the next
+candidates give exactly the survivors of the longer prefix. The prefix grows to what the survival rate seen so far
+says is needed (at least 2x a round). A class cannot place more than ``max_keep`` boxes among the best
+``max_keep``, so the onnxruntime kernel also stops each class there.
 """
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import lru_cache
 
 import cv2
 import numpy as np
 
-_FIRST_PREFIX = 256  # candidates in the first NMS call when only the best max_keep are wanted (grows 4x)
+_FIRST_PREFIX = 256  # candidates in the first NMS call when only the best max_keep are wanted (at least 2 max_keep)
+_GROWTH_MARGIN = 1.25  # next prefix = candidates the survival rate so far needs for max_keep, with this margin
+
+# (boxes float32 (M, 4) with positive sizes, ranks float32 (M,) unique and > 0, class ids int64 (M,) in [0, C) or
+# None, IoU threshold, max survivors per class or None) -> indices kept, best first
+Kernel = Callable[[np.ndarray, np.ndarray, "np.ndarray | None", float, "int | None"], np.ndarray]
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -46,56 +63,128 @@ def _ranks(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return order, ranks
 
 
-def _opencv(boxes: np.ndarray, ranks: np.ndarray, labels: np.ndarray | None, iou_threshold: float) -> np.ndarray:
-    """Indices kept by OpenCV's NMS (boxes with positive width and height only), best first."""
+def _best_first(keep: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+    keep = np.asarray(keep, np.int64).reshape(-1)
+    return keep[np.argsort(-ranks[keep], kind="stable")]
+
+
+@lru_cache(maxsize=1)
+def _ort_session():
+    """A one-node ONNX Runtime session running NonMaxSuppression (opset 11) on one thread, without spinning."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    inputs = [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [1, "n", 4]),
+              helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, "c", "n"]),
+              helper.make_tensor_value_info("max_per_class", TensorProto.INT64, [1]),
+              helper.make_tensor_value_info("iou_threshold", TensorProto.FLOAT, [1]),
+              helper.make_tensor_value_info("score_threshold", TensorProto.FLOAT, [1])]
+    node = helper.make_node("NonMaxSuppression", [i.name for i in inputs], ["selected"])
+    graph = helper.make_graph([node], "host_nms", inputs,
+                              [helper.make_tensor_value_info("selected", TensorProto.INT64, ["k", 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)], ir_version=7)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+_NO_SCORE = np.zeros(1, np.float32)  # ranks are >= 1: the operator's strict `score > 0` drops only other classes
+
+
+def _onnxruntime(boxes: np.ndarray, ranks: np.ndarray, classes: np.ndarray | None, iou_threshold: float,
+                 max_per_class: int | None) -> np.ndarray:
+    if len(boxes) == 0:
+        return np.zeros(0, np.int64)
+    rows = 1 if classes is None else int(classes.max()) + 1
+    scores = np.zeros((1, rows, len(boxes)), np.float32)
+    scores[0, 0 if classes is None else classes, np.arange(len(boxes))] = ranks
+    feed = {"boxes": np.ascontiguousarray(boxes, np.float32)[None], "scores": scores,
+            "max_per_class": np.array([max_per_class or len(boxes)], np.int64),
+            "iou_threshold": np.array([iou_threshold], np.float32), "score_threshold": _NO_SCORE}
+    selected = _ort_session().run(None, feed)[0]
+    return _best_first(selected[:, 2], ranks)
+
+
+def _opencv(boxes: np.ndarray, ranks: np.ndarray, classes: np.ndarray | None, iou_threshold: float,
+            max_per_class: int | None) -> np.ndarray:
     if len(boxes) == 0:
         return np.zeros(0, np.int64)
     xywh = np.empty((len(boxes), 4), np.float64)
     xywh[:, :2] = boxes[:, :2]
     xywh[:, 2:] = boxes[:, 2:] - boxes[:, :2]
-    if labels is None:
-        keep = cv2.dnn.NMSBoxes(xywh, ranks, 0.0, float(iou_threshold))
+    # A list converts several times faster than an array in OpenCV's binding (~0.3 us per box).
+    if classes is None:
+        keep = cv2.dnn.NMSBoxes(xywh.tolist(), ranks, 0.0, float(iou_threshold))
     else:
-        keep = cv2.dnn.NMSBoxesBatched(xywh, ranks, labels.astype(np.int32, copy=False), 0.0, float(iou_threshold))
-    keep = np.asarray(keep, np.int64).reshape(-1)
-    return keep[np.argsort(-ranks[keep], kind="stable")]
+        keep = cv2.dnn.NMSBoxesBatched(xywh.tolist(), ranks, classes.astype(np.int32), 0.0, float(iou_threshold))
+    return _best_first(keep, ranks)
+
+
+KERNELS: dict[str, Kernel] = {"onnxruntime": _onnxruntime, "opencv": _opencv}
+
+
+@lru_cache(maxsize=1)
+def default_kernel() -> str:
+    """'onnxruntime' where onnxruntime and onnx import, else 'opencv'."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return "opencv"
+    return "onnxruntime"
+
+
+def _class_ids(labels: np.ndarray) -> np.ndarray:
+    """Labels as class rows 0..C-1 (any integers: remapped when negative or sparse)."""
+    labels = np.asarray(labels).astype(np.int64, copy=False)
+    if len(labels) and (labels.min() < 0 or labels.max() >= 4 * len(labels) + 64):
+        labels = np.unique(labels, return_inverse=True)[1].reshape(-1)
+    return labels
 
 
 def _suppress(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray | None, iou_threshold: float,
-              max_keep: int | None) -> np.ndarray:
+              max_keep: int | None, kernel: str | None) -> np.ndarray:
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
     scores = np.asarray(scores, np.float32).reshape(-1)
     if len(boxes) != len(scores) or (labels is not None and len(labels) != len(scores)):
         raise ValueError(f"{len(boxes)} boxes, {len(scores)} scores and {len(labels) if labels is not None else '-'} "
                          "labels: one of each per candidate")
+    run = KERNELS[kernel or default_kernel()]
+    classes = None if labels is None else _class_ids(labels)
     order, ranks = _ranks(scores)
     with np.errstate(invalid="ignore"):  # NaN coordinates count as degenerate
         proper = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     degenerate = np.flatnonzero(~proper)
-    valid = order[proper[order]]  # boxes OpenCV handles, best first
+    valid = order[proper[order]]  # boxes the kernel handles, best first
     limit = len(valid) if max_keep is None else min(max_keep, len(valid))
-    prefix = len(valid) if max_keep is None else min(len(valid), max(_FIRST_PREFIX, 4 * max_keep))
+    prefix = len(valid) if max_keep is None else min(len(valid), max(_FIRST_PREFIX, 2 * max_keep))
+    kept, done = valid[:0], 0
     while True:
-        chosen = valid[:prefix]
-        kept = chosen[_opencv(boxes[chosen], ranks[chosen], None if labels is None else labels[chosen],
-                              iou_threshold)]
+        # survivors so far (best first) + the next candidates in score order: exactly the longer prefix's survivors
+        chosen = np.concatenate([kept, valid[done:prefix]])
+        kept = chosen[run(boxes[chosen], ranks[chosen], None if classes is None else classes[chosen],
+                          float(iou_threshold), max_keep)]
+        done = prefix
         if len(kept) >= limit or prefix >= len(valid):
             break
-        prefix = min(len(valid), 4 * prefix)
-    keep = np.concatenate([kept, degenerate])
-    keep = keep[np.argsort(-ranks[keep], kind="stable")]
+        needed = math.ceil(prefix * limit / len(kept) * _GROWTH_MARGIN)
+        prefix = min(len(valid), max(2 * prefix, needed))
+    keep = _best_first(np.concatenate([kept, degenerate]), ranks)
     return keep if max_keep is None else keep[:max_keep]
 
 
-def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, kernel: str | None = None) -> np.ndarray:
     """Indices of the xyxy boxes kept by NMS, in decreasing score order (like ``torchvision.ops.nms``)."""
-    return _suppress(boxes, scores, None, iou_threshold, None)
+    return _suppress(boxes, scores, None, iou_threshold, None, kernel)
 
 
 def batched_nms(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou_threshold: float,
-                max_keep: int | None = None) -> np.ndarray:
+                max_keep: int | None = None, kernel: str | None = None) -> np.ndarray:
     """Class-wise NMS (boxes only suppress boxes of their own label), in decreasing score order.
 
-    Equal to ``torchvision.ops.batched_nms``; ``max_keep`` returns only the best that many (and does less work).
+    Equal to ``torchvision.ops.batched_nms``; ``max_keep`` returns only the best that many (and does less work);
+    ``kernel`` ('onnxruntime' or 'opencv') overrides :func:`default_kernel`.
     """
-    return _suppress(boxes, scores, np.asarray(labels).reshape(-1), iou_threshold, max_keep)
+    return _suppress(boxes, scores, np.asarray(labels).reshape(-1), iou_threshold, max_keep, kernel)

@@ -78,19 +78,18 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def decode_boxes(rel_codes: np.ndarray, anchors: np.ndarray, weights: tuple[float, float, float, float]) -> np.ndarray:
-    """Decode (dx, dy, dw, dh) against xyxy anchors in float32, like torchvision's BoxCoder.decode_single."""
+    """Decode (dx, dy, dw, dh) against xyxy anchors in float32, like torchvision's BoxCoder.decode_single (the same
+    float32 operations per coordinate, on (N, 2) x/y pairs)."""
     rel_codes = np.asarray(rel_codes, np.float32)
-    widths = anchors[:, 2] - anchors[:, 0]
-    heights = anchors[:, 3] - anchors[:, 1]
-    ctr_x = anchors[:, 0] + np.float32(0.5) * widths
-    ctr_y = anchors[:, 1] + np.float32(0.5) * heights
-    wx, wy, ww, wh = (np.float32(w) for w in weights)
-    clip = np.float32(BBOX_XFORM_CLIP)
-    dx, dy = rel_codes[:, 0] / wx, rel_codes[:, 1] / wy
-    dw, dh = np.minimum(rel_codes[:, 2] / ww, clip), np.minimum(rel_codes[:, 3] / wh, clip)
-    pred_ctr_x, pred_ctr_y = dx * widths + ctr_x, dy * heights + ctr_y
-    half_w, half_h = np.float32(0.5) * (np.exp(dw) * widths), np.float32(0.5) * (np.exp(dh) * heights)
-    return np.stack([pred_ctr_x - half_w, pred_ctr_y - half_h, pred_ctr_x + half_w, pred_ctr_y + half_h], axis=1)
+    anchors = np.asarray(anchors, np.float32)
+    w = np.asarray(weights, np.float32)
+    sizes = anchors[:, 2:] - anchors[:, :2]  # widths, heights
+    centers = anchors[:, :2] + np.float32(0.5) * sizes
+    shifts = rel_codes[:, :2] / w[:2]
+    scales = np.minimum(rel_codes[:, 2:] / w[2:], np.float32(BBOX_XFORM_CLIP))
+    pred_centers = shifts * sizes + centers
+    half = np.float32(0.5) * (np.exp(scales) * sizes)
+    return np.concatenate([pred_centers - half, pred_centers + half], axis=1)
 
 
 def _top_k(scores: np.ndarray, k: int) -> np.ndarray:

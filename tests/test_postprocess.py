@@ -16,7 +16,8 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from runtime.anchors import AnchorSpec, feature_sizes, generate_anchors, retinanet_default_sizes
 from runtime.errors import UserError
-from runtime.nms import batched_nms, nms
+from runtime.nms import KERNELS as nms_kernels
+from runtime.nms import batched_nms, default_kernel, nms
 from runtime.postprocess import (BBOX_XFORM_CLIP, Detections, DetectionsPostprocess, PostprocessSpec,
                                  RetinaNetPostprocess, build_postprocess, decode_boxes)
 from runtime.preprocess import PreprocessSpec, normalize, resize_image, to_training_array
@@ -102,23 +103,35 @@ def _random_boxes(seed: int, n: int, classes: int = 3, extent: float = 100.0, ti
     return boxes, scores, rng.integers(0, classes, n)
 
 
-@settings(max_examples=60, deadline=None)
+KERNELS = sorted(nms_kernels)
+
+
+def test_default_kernel_is_onnxruntime_where_installed():
+    assert default_kernel() == "onnxruntime"  # the test environment has onnxruntime and onnx
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@settings(max_examples=40, deadline=None)
 @given(st.integers(0, 2**31), st.integers(0, 700), st.sampled_from([0.3, 0.5, 0.7]), st.sampled_from([1, 3, 20]),
        st.sampled_from([100.0, 1024.0]), st.booleans(), st.sampled_from([0.0, 0.1]))
-def test_nms_equals_torchvision(seed, n, iou, classes, extent, ties, degenerate):
-    """OpenCV-backed NMS = torchvision's: strict IoU > threshold, no +1, ties in index order, empty boxes kept."""
+def test_nms_equals_torchvision(kernel, seed, n, iou, classes, extent, ties, degenerate):
+    """Each kernel = torchvision's NMS: strict IoU > threshold, no +1, ties in index order, empty boxes kept."""
     boxes, scores, labels = _random_boxes(seed, n, classes, extent, ties, degenerate)
     tb, ts, tl = torch.from_numpy(boxes), torch.from_numpy(scores), torch.from_numpy(labels)
-    np.testing.assert_array_equal(nms(boxes, scores, iou), torchvision.ops.nms(tb, ts, iou).numpy())
+    np.testing.assert_array_equal(nms(boxes, scores, iou, kernel=kernel), torchvision.ops.nms(tb, ts, iou).numpy())
     expected = torchvision.ops.batched_nms(tb, ts, tl, iou).numpy()
-    np.testing.assert_array_equal(batched_nms(boxes, scores, labels, iou), expected)
+    np.testing.assert_array_equal(batched_nms(boxes, scores, labels, iou, kernel=kernel), expected)
     # Stopping early at max_keep survivors gives exactly the first max_keep of the full result.
     for max_keep in (7, 100):
-        np.testing.assert_array_equal(batched_nms(boxes, scores, labels, iou, max_keep=max_keep),
+        np.testing.assert_array_equal(batched_nms(boxes, scores, labels, iou, max_keep=max_keep, kernel=kernel),
                                       expected[:max_keep])
+    # Labels are any integers (negative, sparse): only equality matters.
+    np.testing.assert_array_equal(batched_nms(boxes, scores, labels * 1000 - 7, iou, max_keep=100, kernel=kernel),
+                                  expected[:100])
 
 
-def test_nms_max_keep_grows_the_prefix_when_suppression_is_heavy():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_nms_max_keep_grows_the_prefix_when_suppression_is_heavy(kernel):
     """Hundreds of near-copies of one box: the first prefixes keep too few, the search must go on to the end."""
     rng = np.random.default_rng(0)
     boxes = np.tile(np.array([[10, 10, 50, 50]], np.float32), (1500, 1)) + rng.uniform(0, 1, (1500, 4)).astype(
@@ -129,24 +142,27 @@ def test_nms_max_keep_grows_the_prefix_when_suppression_is_heavy():
     expected = torchvision.ops.batched_nms(torch.from_numpy(boxes), torch.from_numpy(scores),
                                            torch.from_numpy(labels), 0.5).numpy()
     assert len(expected) > 1
-    np.testing.assert_array_equal(batched_nms(boxes, scores, labels, 0.5, max_keep=100), expected[:100])
+    np.testing.assert_array_equal(batched_nms(boxes, scores, labels, 0.5, max_keep=100, kernel=kernel), expected[:100])
 
 
-def test_nms_iou_convention_is_torchvisions():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_nms_iou_convention_is_torchvisions(kernel):
     """IoU exactly at the threshold keeps the box (strict >); fractional coordinates count (no int truncation,
     no +1): the same pair crosses 0.5 only through its sub-pixel parts."""
     half = np.array([[0, 0, 10, 10], [0, 0, 10, 5]], np.float32)  # IoU 0.5 exactly
-    assert nms(half, np.array([0.9, 0.8], np.float32), 0.5).tolist() == [0, 1]
-    assert nms(half, np.array([0.9, 0.8], np.float32), 0.49).tolist() == [0]
+    assert nms(half, np.array([0.9, 0.8], np.float32), 0.5, kernel=kernel).tolist() == [0, 1]
+    assert nms(half, np.array([0.9, 0.8], np.float32), 0.49, kernel=kernel).tolist() == [0]
     frac = np.array([[0, 0, 1.4, 1], [0.5, 0, 1.9, 1]], np.float32)  # IoU 0.47 (identical boxes if truncated)
-    assert nms(frac, np.array([0.9, 0.8], np.float32), 0.5).tolist() == [0, 1]
+    assert nms(frac, np.array([0.9, 0.8], np.float32), 0.5, kernel=kernel).tolist() == [0, 1]
     empty = np.array([[5, 5, 5, 9], [5, 5, 5, 9], [0, 0, 4, 4]], np.float32)
-    assert batched_nms(empty, np.array([0.9, 0.8, 0.7], np.float32), np.zeros(3), 0.5).tolist() == [0, 1, 2]
+    assert batched_nms(empty, np.array([0.9, 0.8, 0.7], np.float32), np.zeros(3), 0.5,
+                       kernel=kernel).tolist() == [0, 1, 2]
 
 
-def test_nms_only_within_a_class():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_nms_only_within_a_class(kernel):
     boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10]], np.float32)
-    keep = batched_nms(boxes, np.array([0.9, 0.8, 0.7], np.float32), np.array([0, 1, 0]), 0.5)
+    keep = batched_nms(boxes, np.array([0.9, 0.8, 0.7], np.float32), np.array([0, 1, 0]), 0.5, kernel=kernel)
     assert keep.tolist() == [0, 1]
 
 

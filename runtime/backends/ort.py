@@ -119,6 +119,9 @@ class OrtRunner(Runner):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # Workers spin between operators (fast) but stop when run() returns: the host pre/post-processing that follows
+        # every inference gets the cores instead of sharing them with idle spinning threads.
+        options.add_session_config_entry("session.force_spinning_stop", "1")
         if self.threads:
             options.intra_op_num_threads = int(self.threads)
             options.inter_op_num_threads = 1
