@@ -1,6 +1,6 @@
 """What host post-processing costs per image, side by side: the runtime's RetinaNet post-processing (one-pass
-threshold and top-k, OpenCV NMS), torchvision's postprocess_detections on the same outputs (torch CPU), the numpy
-reference of EfficientNMS_TRT, and reading an in-graph NMS's padded outputs.
+threshold and top-k, NMS by runtime.nms's default kernel), torchvision's postprocess_detections on the same outputs
+(torch CPU), the numpy reference of EfficientNMS_TRT, and reading an in-graph NMS's padded outputs.
 
     python -m benchmarks.postprocess_cost [--iters 50] [--warmup 5] [--json PATH]
 
@@ -28,7 +28,7 @@ from runtime.atomic import write_json_atomic
 from runtime.cli import add_debug_flag, run_cli
 from runtime.efficient_nms import PLUGIN_OUTPUTS, efficient_nms
 from runtime.errors import UserError
-from runtime.nms import box_iou
+from runtime.nms import box_iou, default_kernel
 from runtime.postprocess import (PaddedDetectionsPostprocess, PostprocessSpec, RetinaNetPostprocess,
                                  efficient_nms_attributes)
 
@@ -87,7 +87,7 @@ def run(size: int, classes: int, objects: int, iters: int, warmup: int) -> dict[
     reference = torchvision_post()[0]
     agree = len(found) == len(reference["scores"]) and np.allclose(found.boxes, reference["boxes"].numpy(), atol=1e-3)
     timings = {
-        "runtime (OpenCV NMS)": measure(lambda: ours(logits, deltas, (size, size)), iters, warmup),
+        f"runtime ({default_kernel()} NMS)": measure(lambda: ours(logits, deltas, (size, size)), iters, warmup),
         "torchvision postprocess_detections (torch CPU, 1 thread)": measure(torchvision_post, iters, warmup),
         "EfficientNMS_TRT numpy reference (plugin inputs)": measure(
             lambda: efficient_nms(decoded, logits[None], attrs), iters, warmup),

@@ -361,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--calib-images", type=int, default=None,
                         help="default: calibration.images of the pipeline (unset there: 500, or all the split has)")
     parser.add_argument("--nms", choices=NMS_CHOICES, default="host",
-                        help="host: numpy/OpenCV post-processing (default); onnx-nms: decoding + ONNX "
+                        help="host: numpy post-processing + library NMS (default); onnx-nms: decoding + ONNX "
                         "NonMaxSuppression in the graph; efficient-nms-trt: decoding + TensorRT's EfficientNMS_TRT "
                         "plugin; graph: the in-graph one the target's runtime runs")
     parser.add_argument("--engine", choices=("auto", "build", "script"), default="auto",

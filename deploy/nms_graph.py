@@ -273,7 +273,7 @@ class NmsPlan:
     def describe(self) -> str:
         """One sentence for the bundle README."""
         if self.kind == "host":
-            return "NMS runs on the host (runtime.postprocess, OpenCV)."
+            return "NMS runs on the host (runtime.postprocess; runtime.nms)."
         if self.kind == "onnx-nms" and self.tail is None:
             return "NMS is part of the exported detector graph (ONNX NonMaxSuppression)."
         if self.kind == "onnx-nms":

@@ -110,7 +110,8 @@ class RetinaNetPostprocess:
 
     Vectorised: one threshold pass over every level's logits (in logit space: the sigmoid is monotonic, so only the
     candidates pay for it), one ``np.argpartition`` per level that has more than ``topk_candidates`` of them, one
-    decoding of the kept candidates only, and class-wise NMS in OpenCV (runtime.nms).
+    decoding of the kept candidates only, and class-wise NMS by a library kernel (runtime.nms: ONNX Runtime's
+    NonMaxSuppression, else OpenCV).
     """
 
     def __init__(self, spec: PostprocessSpec):
