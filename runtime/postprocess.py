@@ -23,7 +23,7 @@ from runtime.anchors import AnchorSpec, generate_anchors
 from runtime.boxes import clip_boxes
 from runtime.efficient_nms import PLUGIN_INPUTS, PLUGIN_OUTPUTS, EfficientNmsAttributes, efficient_nms
 from runtime.errors import UserError
-from runtime.nms import batched_nms
+from runtime.nms import batched_nms_lazy
 
 BBOX_XFORM_CLIP = math.log(1000.0 / 16)
 
@@ -78,18 +78,19 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def decode_boxes(rel_codes: np.ndarray, anchors: np.ndarray, weights: tuple[float, float, float, float]) -> np.ndarray:
-    """Decode (dx, dy, dw, dh) against xyxy anchors in float32, like torchvision's BoxCoder.decode_single (the same
-    float32 operations per coordinate, on (N, 2) x/y pairs)."""
+    """Decode (dx, dy, dw, dh) against xyxy anchors in float32, like torchvision's BoxCoder.decode_single."""
     rel_codes = np.asarray(rel_codes, np.float32)
-    anchors = np.asarray(anchors, np.float32)
-    w = np.asarray(weights, np.float32)
-    sizes = anchors[:, 2:] - anchors[:, :2]  # widths, heights
-    centers = anchors[:, :2] + np.float32(0.5) * sizes
-    shifts = rel_codes[:, :2] / w[:2]
-    scales = np.minimum(rel_codes[:, 2:] / w[2:], np.float32(BBOX_XFORM_CLIP))
-    pred_centers = shifts * sizes + centers
-    half = np.float32(0.5) * (np.exp(scales) * sizes)
-    return np.concatenate([pred_centers - half, pred_centers + half], axis=1)
+    widths = anchors[:, 2] - anchors[:, 0]
+    heights = anchors[:, 3] - anchors[:, 1]
+    ctr_x = anchors[:, 0] + np.float32(0.5) * widths
+    ctr_y = anchors[:, 1] + np.float32(0.5) * heights
+    wx, wy, ww, wh = (np.float32(w) for w in weights)
+    clip = np.float32(BBOX_XFORM_CLIP)
+    dx, dy = rel_codes[:, 0] / wx, rel_codes[:, 1] / wy
+    dw, dh = np.minimum(rel_codes[:, 2] / ww, clip), np.minimum(rel_codes[:, 3] / wh, clip)
+    pred_ctr_x, pred_ctr_y = dx * widths + ctr_x, dy * heights + ctr_y
+    half_w, half_h = np.float32(0.5) * (np.exp(dw) * widths), np.float32(0.5) * (np.exp(dh) * heights)
+    return np.stack([pred_ctr_x - half_w, pred_ctr_y - half_h, pred_ctr_x + half_w, pred_ctr_y + half_h], axis=1)
 
 
 def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -108,10 +109,10 @@ def _select(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, keep: np.
 class RetinaNetPostprocess:
     """RetinaNet head outputs (concatenated over P3-P7) -> Detections, as torchvision's postprocess_detections.
 
-    Vectorised: one threshold pass over every level's logits (in logit space: the sigmoid is monotonic, so only the
-    candidates pay for it), one ``np.argpartition`` per level that has more than ``topk_candidates`` of them, one
-    decoding of the kept candidates only, and class-wise NMS by a library kernel (runtime.nms: ONNX Runtime's
-    NonMaxSuppression, else OpenCV).
+    Vectorised: one threshold pass over every level's logits and one ``np.argpartition`` per level that has more than
+    ``topk_candidates`` candidates, both in logit space (the sigmoid is monotonic: only the top-k pay for it), then
+    class-wise NMS by a library kernel (runtime.nms: ONNX Runtime's NonMaxSuppression, else OpenCV) that asks for
+    boxes one score-ordered prefix at a time, so only the candidates NMS reaches are decoded.
     """
 
     def __init__(self, spec: PostprocessSpec):
@@ -137,24 +138,27 @@ class RetinaNetPostprocess:
         num_classes = spec.num_classes
         flat = cls_logits.reshape(-1)
         idx = np.flatnonzero(flat > self._logit_floor)  # flat (anchor, class) indices, in level order
-        scores = sigmoid(flat[idx])
-        passed = scores > spec.score_thresh
-        idx, scores = idx[passed], scores[passed]
-        # Candidates of each level are a contiguous run of idx: per-level top-k is one argpartition per long run.
+        logits = flat[idx]
+        # Candidates of each level are a contiguous run of idx: per-level top-k is one argpartition per long run, on
+        # the logits (the sigmoid is monotonic), so only the survivors pay for the sigmoid. Where a level's k-th logit
+        # lies in the floor's margin, fewer than k candidates pass the exact test below, and all of them are kept.
         edges = np.searchsorted(idx, np.cumsum((0, *per_level)) * num_classes)
-        picked = []
-        for lo, hi in zip(edges[:-1], edges[1:]):
-            if hi - lo > spec.topk_candidates:
-                picked.append(lo + np.argpartition(-scores[lo:hi], spec.topk_candidates - 1)[:spec.topk_candidates])
-            else:
-                picked.append(np.arange(lo, hi))
+        k = spec.topk_candidates
+        picked = [lo + np.argpartition(-logits[lo:hi], k - 1)[:k] if hi - lo > k else np.arange(lo, hi)
+                  for lo, hi in zip(edges[:-1], edges[1:])]
         chosen = np.sort(np.concatenate(picked))  # index order: ties then rank as torchvision's stable sorts
-        idx, scores = idx[chosen], scores[chosen]
+        scores = sigmoid(logits[chosen])
+        passed = scores > spec.score_thresh
+        idx, scores = idx[chosen][passed], scores[passed]
         anchor_idx, labels = np.divmod(idx, num_classes)
-        boxes = clip_boxes(decode_boxes(bbox_regression[anchor_idx], anchors[anchor_idx], spec.box_coder_weights),
-                           image_size[1], image_size[0])
-        keep = batched_nms(boxes, scores, labels, spec.nms_iou, max_keep=spec.max_detections)
-        return _select(boxes, scores, labels, keep)
+
+        def boxes_of(which: np.ndarray) -> np.ndarray:  # decoded and clipped: only for candidates NMS reaches
+            a = anchor_idx[which]
+            return clip_boxes(decode_boxes(bbox_regression[a], anchors[a], spec.box_coder_weights),
+                              image_size[1], image_size[0])
+
+        keep, boxes = batched_nms_lazy(boxes_of, scores, labels, spec.nms_iou, max_keep=spec.max_detections)
+        return Detections(boxes, scores[keep], labels[keep].astype(np.int64))
 
     def from_outputs(self, outputs: Mapping[str, np.ndarray], image_size: tuple[int, int]) -> list[Detections]:
         """Post-process a batch given the network's named outputs ``cls_logits`` (B, A, C), ``bbox_regression``."""

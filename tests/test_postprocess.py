@@ -238,3 +238,14 @@ def test_spec_validation():
     with pytest.raises(ValueError):
         PostprocessSpec(kind="detections", num_classes=3, unknown=1)
     assert len(Detections()) == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5, 1e-30, -1e30, np.inf, -np.inf, np.nan]) |
+                st.floats(width=32), max_size=300))
+def test_nms_score_order_is_a_stable_descending_sort(values):
+    """The NMS visiting order (int64 keys) equals numpy's stable sort of -scores: ties, signed zeros, infinities, NaN."""
+    from runtime.nms import _ranks
+
+    scores = np.array(values, np.float32)
+    np.testing.assert_array_equal(_ranks(scores)[0], np.argsort(-scores, kind="stable"))
