@@ -166,11 +166,12 @@ def _suppress(boxes_of: Callable[[np.ndarray], np.ndarray], scores: np.ndarray, 
     kept, empty, done = order[:0], [], 0
     while True:
         segment = order[done:prefix]  # the next candidates in score order: only these boxes are asked for
-        boxes[segment] = np.asarray(boxes_of(segment), np.float32).reshape(-1, 4)
+        fresh = np.asarray(boxes_of(segment), np.float32).reshape(-1, 4)
+        boxes[segment] = fresh
         with np.errstate(invalid="ignore"):  # NaN coordinates count as empty
-            proper = (boxes[segment, 2] > boxes[segment, 0]) & (boxes[segment, 3] > boxes[segment, 1])
+            proper = (fresh[:, 2] > fresh[:, 0]) & (fresh[:, 3] > fresh[:, 1])
         empty.append(segment[~proper])  # never suppress nor are suppressed: always kept, without the kernel
-        # survivors so far (best first) + the next candidates: exactly the survivors of the longer prefix
+        # survivors so far + the next candidates: exactly the survivors of the longer prefix
         chosen = np.concatenate([kept, segment[proper]])
         kept = chosen[run(boxes[chosen], ranks[chosen], None if classes is None else classes[chosen],
                           float(iou_threshold), max_keep)]

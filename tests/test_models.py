@@ -277,6 +277,12 @@ def test_pipelines_yaml_edge_students_share_the_teacher_and_the_demo_recipe():
     assert edge.student.pretrained_backbone and edge.schedule == paper.schedule
     demo, demo_edge = cfg.pipeline("demo_retina"), cfg.pipeline("demo_retina_edge")
     assert demo_edge.teacher == demo.teacher and demo_edge.dataset == demo.dataset
-    assert demo_edge.schedule == demo.schedule and demo_edge.input_size == demo.input_size
+    assert demo_edge.input_size == demo.input_size
+    # Same teacher and amplifier schedules (one teacher serves both); the MobileNetV3 student only trains longer.
+    assert demo_edge.schedule.teacher == demo.schedule.teacher and demo_edge.schedule.amplifier == demo.schedule.amplifier
+    assert demo_edge.schedule.student.epochs > demo.schedule.student.epochs
+    assert demo_edge.schedule.student.model_copy(update={"epochs": demo.schedule.student.epochs,
+                                                         "milestones": demo.schedule.student.milestones}) \
+        == demo.schedule.student
     assert demo_edge.student.backbone == "mobilenet_v3_large" and not demo_edge.student.pretrained_backbone
     assert demo_edge.student.norm == demo.student.norm  # inherited from the demo student (YAML merge key)
