@@ -157,13 +157,14 @@ def _suppress(boxes_of: Callable[[np.ndarray], np.ndarray], scores: np.ndarray, 
     if labels is not None and len(labels) != len(scores):
         raise ValueError(f"{len(scores)} scores and {len(labels)} labels: one of each per candidate")
     run = KERNELS[kernel or default_kernel()]
+    iou_threshold = float(iou_threshold)
     classes = None if labels is None else _class_ids(labels)
     order, ranks = _ranks(scores)
     n = len(order)
     limit = n if max_keep is None else min(max_keep, n)
     prefix = n if max_keep is None else min(n, max(_FIRST_PREFIX, 2 * max_keep))
     boxes = np.empty((n, 4), np.float32)
-    kept, empty, done = order[:0], [], 0
+    kept, empty, empty_count, done = order[:0], [], 0, 0
     while True:
         segment = order[done:prefix]  # the next candidates in score order: only these boxes are asked for
         fresh = np.asarray(boxes_of(segment), np.float32).reshape(-1, 4)
@@ -171,12 +172,13 @@ def _suppress(boxes_of: Callable[[np.ndarray], np.ndarray], scores: np.ndarray, 
         with np.errstate(invalid="ignore"):  # NaN coordinates count as empty
             proper = (fresh[:, 2] > fresh[:, 0]) & (fresh[:, 3] > fresh[:, 1])
         empty.append(segment[~proper])  # never suppress nor are suppressed: always kept, without the kernel
+        empty_count += len(empty[-1])
         # survivors so far + the next candidates: exactly the survivors of the longer prefix
         chosen = np.concatenate([kept, segment[proper]])
         kept = chosen[run(boxes[chosen], ranks[chosen], None if classes is None else classes[chosen],
-                          float(iou_threshold), max_keep)]
+                          iou_threshold, max_keep)]
         done = prefix
-        found = len(kept) + sum(len(e) for e in empty)  # >= 1: the best candidate always survives
+        found = len(kept) + empty_count  # >= 1: the best candidate always survives
         if found >= limit or prefix >= n:
             break
         needed = math.ceil(prefix * limit / found * _GROWTH_MARGIN)
