@@ -77,20 +77,37 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
         return np.reciprocal(1 + np.exp(-x))
 
 
-def decode_boxes(rel_codes: np.ndarray, anchors: np.ndarray, weights: tuple[float, float, float, float]) -> np.ndarray:
-    """Decode (dx, dy, dw, dh) against xyxy anchors in float32, like torchvision's BoxCoder.decode_single."""
-    rel_codes = np.asarray(rel_codes, np.float32)
+def anchor_geometry(anchors: np.ndarray) -> np.ndarray:
+    """(A, 4) float32 centre x, centre y, width, height of xyxy anchors, computed as BoxCoder.decode_single does."""
+    anchors = np.asarray(anchors, np.float32).reshape(-1, 4)
     widths = anchors[:, 2] - anchors[:, 0]
     heights = anchors[:, 3] - anchors[:, 1]
     ctr_x = anchors[:, 0] + np.float32(0.5) * widths
     ctr_y = anchors[:, 1] + np.float32(0.5) * heights
+    return np.stack([ctr_x, ctr_y, widths, heights], axis=1)
+
+
+def decode_boxes(rel_codes: np.ndarray, anchors: np.ndarray, weights: tuple[float, float, float, float]) -> np.ndarray:
+    """Decode (dx, dy, dw, dh) against xyxy anchors in float32, like torchvision's BoxCoder.decode_single."""
+    return _decode(rel_codes, anchor_geometry(anchors), weights)
+
+
+def _decode(rel_codes: np.ndarray, geometry: np.ndarray, weights: tuple[float, float, float, float]) -> np.ndarray:
+    """:func:`decode_boxes` from the anchors' :func:`anchor_geometry` (the detector caches it per input size)."""
+    rel_codes = np.asarray(rel_codes, np.float32).reshape(-1, 4)
+    ctr_x, ctr_y, widths, heights = geometry[:, 0], geometry[:, 1], geometry[:, 2], geometry[:, 3]
     wx, wy, ww, wh = (np.float32(w) for w in weights)
     clip = np.float32(BBOX_XFORM_CLIP)
-    dx, dy = rel_codes[:, 0] / wx, rel_codes[:, 1] / wy
-    dw, dh = np.minimum(rel_codes[:, 2] / ww, clip), np.minimum(rel_codes[:, 3] / wh, clip)
-    pred_ctr_x, pred_ctr_y = dx * widths + ctr_x, dy * heights + ctr_y
-    half_w, half_h = np.float32(0.5) * (np.exp(dw) * widths), np.float32(0.5) * (np.exp(dh) * heights)
-    return np.stack([pred_ctr_x - half_w, pred_ctr_y - half_h, pred_ctr_x + half_w, pred_ctr_y + half_h], axis=1)
+    pred_ctr_x = rel_codes[:, 0] / wx * widths + ctr_x
+    pred_ctr_y = rel_codes[:, 1] / wy * heights + ctr_y
+    half_w = np.float32(0.5) * (np.exp(np.minimum(rel_codes[:, 2] / ww, clip)) * widths)
+    half_h = np.float32(0.5) * (np.exp(np.minimum(rel_codes[:, 3] / wh, clip)) * heights)
+    boxes = np.empty((len(rel_codes), 4), np.float32)
+    np.subtract(pred_ctr_x, half_w, out=boxes[:, 0])
+    np.subtract(pred_ctr_y, half_h, out=boxes[:, 1])
+    np.add(pred_ctr_x, half_w, out=boxes[:, 2])
+    np.add(pred_ctr_y, half_h, out=boxes[:, 3])
+    return boxes
 
 
 def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -123,11 +140,18 @@ class RetinaNetPostprocess:
         # A margin keeps float32 rounding of the logit at the boundary on the safe side; the exact test on the
         # sigmoid scores (torchvision's `score > thresh`) follows.
         self._logit_floor = -np.inf if thresh <= 0 else math.log(thresh / (1 - thresh)) - 1e-3
+        # per input size: anchors, anchors per level, anchor_geometry (kept here: hashing the spec for a shared
+        # cache costs ~20 us a call)
+        self._anchors: dict[tuple[int, int], tuple[np.ndarray, tuple[int, ...], np.ndarray]] = {}
 
     def __call__(self, cls_logits: np.ndarray, bbox_regression: np.ndarray, image_size: tuple[int, int]) -> Detections:
         """Post-process one image: cls_logits (A, C), bbox_regression (A, 4); image_size = input (height, width)."""
         spec = self.spec
-        anchors, per_level = generate_anchors(spec.anchors, image_size)
+        size = (int(image_size[0]), int(image_size[1]))
+        if size not in self._anchors:
+            anchors, per_level = generate_anchors(spec.anchors, size)
+            self._anchors[size] = anchors, per_level, anchor_geometry(anchors)
+        anchors, per_level, geometry = self._anchors[size]
         cls_logits = np.asarray(cls_logits, np.float32)
         bbox_regression = np.asarray(bbox_regression, np.float32)
         if cls_logits.shape != (len(anchors), spec.num_classes) or bbox_regression.shape != (len(anchors), 4):
@@ -153,8 +177,9 @@ class RetinaNetPostprocess:
         anchor_idx, labels = np.divmod(idx, num_classes)
 
         def boxes_of(which: np.ndarray) -> np.ndarray:  # decoded and clipped: only for candidates NMS reaches
-            a = anchor_idx[which]
-            return clip_boxes(decode_boxes(bbox_regression[a], anchors[a], spec.box_coder_weights),
+            a = anchor_idx[which]  # np.take: row gathers several times faster than fancy indexing
+            return clip_boxes(_decode(np.take(bbox_regression, a, axis=0), np.take(geometry, a, axis=0),
+                                      spec.box_coder_weights),
                               image_size[1], image_size[0])
 
         keep, boxes = batched_nms_lazy(boxes_of, scores, labels, spec.nms_iou, max_keep=spec.max_detections)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -116,17 +117,29 @@ def to_training_array(resized: np.ndarray) -> np.ndarray:
     return x
 
 
+@lru_cache(maxsize=8)
+def _normalization_table(mean: tuple[float, float, float], std: tuple[float, float, float]) -> np.ndarray:
+    """(3, 1, 256) float32: (v / 255 - mean[c]) / std[c] for every uint8 value v, in :func:`normalize`'s order."""
+    values = np.arange(256, dtype=np.float32) / np.float32(255)
+    table = (values[None, :] - np.asarray(mean, np.float32)[:, None]) / np.asarray(std, np.float32)[:, None]
+    return np.ascontiguousarray(table.reshape(3, 1, 256))
+
+
 def normalize(resized: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """uint8 HWC (or NHWC) RGB -> normalised (x / 255 - mean) / std CHW (NCHW), the exported network's input.
 
-    Computed in float32 in the same order as torchvision's GeneralizedRCNNTransform.normalize, so it is bit-identical.
+    Computed in float32 in the same order as torchvision's GeneralizedRCNNTransform.normalize, so it is bit-identical:
+    a uint8 pixel has 256 values, so each channel plane goes through a 256-entry table of exactly those results
+    (OpenCV's ``cv2.LUT``, written straight into the CHW output: one pass instead of numpy's five).
     """
-    x = to_training_array(resized)
-    mean = np.asarray(spec.mean, np.float32)[:, None, None]
-    std = np.asarray(spec.std, np.float32)[:, None, None]
-    x -= mean
-    x /= std
-    return x.astype(spec.dtype, copy=False)
+    images = resized if resized.ndim == 4 else resized[None]
+    table = _normalization_table(spec.mean, spec.std)
+    out = np.empty((len(images), 3, *images.shape[1:3]), np.float32)
+    for image, planes in zip(images, out):
+        for channel, plane in enumerate(cv2.split(np.ascontiguousarray(image))):
+            cv2.LUT(plane, table[channel], dst=planes[channel])
+    out = out if resized.ndim == 4 else out[0]
+    return out.astype(spec.dtype, copy=False)
 
 
 def preprocess_batch(images: Sequence[np.ndarray], spec: PreprocessSpec) -> tuple[np.ndarray, list[Transform]]:

@@ -245,7 +245,7 @@ def test_spec_validation():
                 st.floats(width=32), max_size=300))
 def test_nms_score_order_is_a_stable_descending_sort(values):
     """The NMS visiting order (int64 keys) equals numpy's stable sort of -scores: ties, signed zeros, infinities, NaN."""
-    from runtime.nms import _ranks
+    from runtime.nms import _order
 
     scores = np.array(values, np.float32)
-    np.testing.assert_array_equal(_ranks(scores)[0], np.argsort(-scores, kind="stable"))
+    np.testing.assert_array_equal(_order(scores), np.argsort(-scores, kind="stable"))

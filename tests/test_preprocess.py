@@ -99,6 +99,21 @@ def test_training_array_and_normalize_match_torchvision_transform():
     np.testing.assert_array_equal(transform.normalize(torch.from_numpy(train)).numpy(), normalize(resized, spec))
 
 
+@settings(max_examples=20, deadline=None)
+@given(mean=st.tuples(*[st.floats(-2, 2, width=32, allow_subnormal=False)] * 3),
+       std=st.tuples(*[st.floats(0.0625, 5, width=32, allow_subnormal=False)] * 3), shift=st.integers(0, 255))
+def test_normalize_is_torchvision_for_every_pixel_value(mean, std, shift):
+    """Every uint8 value in every channel (normalize reads a 256-entry table per channel), any mean and std."""
+    values = (np.arange(256, dtype=np.int64) + shift) % 256
+    planes = [np.roll(values, 85 * c).reshape(16, 16) for c in range(3)]  # each channel sees all 256 values
+    resized = np.stack(planes, axis=2).astype(np.uint8)
+    spec = PreprocessSpec(input_size=(16, 16), mean=mean, std=std)
+    transform = GeneralizedRCNNTransform(16, 16, list(spec.mean), list(spec.std))
+    expected = transform.normalize(torch.from_numpy(to_training_array(resized))).numpy()
+    np.testing.assert_array_equal(normalize(resized, spec), expected)
+    np.testing.assert_array_equal(normalize(resized[None], spec), expected[None])
+
+
 def test_preprocess_batch_equals_per_image():
     rng = np.random.default_rng(2)
     images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(40, 60), (64, 64), (100, 30)]]
