@@ -93,7 +93,7 @@ def decode_boxes(rel_codes: np.ndarray, anchors: np.ndarray, weights: tuple[floa
 
 
 def _decode(rel_codes: np.ndarray, geometry: np.ndarray, weights: tuple[float, float, float, float]) -> np.ndarray:
-    """:func:`decode_boxes` from the anchors' :func:`anchor_geometry` (the detector caches it per input size)."""
+    """:func:`decode_boxes` from the anchors' :func:`anchor_geometry` (RetinaNetPostprocess keeps it per input size)."""
     rel_codes = np.asarray(rel_codes, np.float32).reshape(-1, 4)
     ctr_x, ctr_y, widths, heights = geometry[:, 0], geometry[:, 1], geometry[:, 2], geometry[:, 3]
     wx, wy, ww, wh = (np.float32(w) for w in weights)
@@ -140,9 +140,9 @@ class RetinaNetPostprocess:
         # A margin keeps float32 rounding of the logit at the boundary on the safe side; the exact test on the
         # sigmoid scores (torchvision's `score > thresh`) follows.
         self._logit_floor = -np.inf if thresh <= 0 else math.log(thresh / (1 - thresh)) - 1e-3
-        # per input size: anchors, anchors per level, anchor_geometry (kept here: hashing the spec for a shared
-        # cache costs ~20 us a call)
-        self._anchors: dict[tuple[int, int], tuple[np.ndarray, tuple[int, ...], np.ndarray]] = {}
+        # per input size: anchors per level and anchor_geometry of all anchors (kept here: hashing the spec for the
+        # shared anchor cache costs ~20 us a call)
+        self._anchors: dict[tuple[int, int], tuple[tuple[int, ...], np.ndarray]] = {}
 
     def __call__(self, cls_logits: np.ndarray, bbox_regression: np.ndarray, image_size: tuple[int, int]) -> Detections:
         """Post-process one image: cls_logits (A, C), bbox_regression (A, 4); image_size = input (height, width)."""
@@ -150,14 +150,14 @@ class RetinaNetPostprocess:
         size = (int(image_size[0]), int(image_size[1]))
         if size not in self._anchors:
             anchors, per_level = generate_anchors(spec.anchors, size)
-            self._anchors[size] = anchors, per_level, anchor_geometry(anchors)
-        anchors, per_level, geometry = self._anchors[size]
+            self._anchors[size] = per_level, anchor_geometry(anchors)
+        per_level, geometry = self._anchors[size]
         cls_logits = np.asarray(cls_logits, np.float32)
         bbox_regression = np.asarray(bbox_regression, np.float32)
-        if cls_logits.shape != (len(anchors), spec.num_classes) or bbox_regression.shape != (len(anchors), 4):
+        if cls_logits.shape != (len(geometry), spec.num_classes) or bbox_regression.shape != (len(geometry), 4):
             raise UserError(
                 f"network outputs cls_logits {cls_logits.shape} / bbox_regression {bbox_regression.shape} do not "
-                f"match {len(anchors)} anchors x {spec.num_classes} classes for input {tuple(image_size)}",
+                f"match {len(geometry)} anchors x {spec.num_classes} classes for input {tuple(image_size)}",
                 "postprocess", "the manifest's anchors, num_classes and input size must be those of the exported model")
         num_classes = spec.num_classes
         flat = cls_logits.reshape(-1)

@@ -132,13 +132,17 @@ def normalize(resized: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     a uint8 pixel has 256 values, so each channel plane goes through a 256-entry table of exactly those results
     (OpenCV's ``cv2.LUT``, written straight into the CHW output: one pass instead of numpy's five).
     """
-    images = resized if resized.ndim == 4 else resized[None]
+    out = _normalized(resized if resized.ndim == 4 else [resized], spec)
+    return out if resized.ndim == 4 else out[0]
+
+
+def _normalized(images: Sequence[np.ndarray], spec: PreprocessSpec) -> np.ndarray:
+    """Same-size uint8 HWC images -> the (N, 3, H, W) input of :func:`normalize`, without stacking them first."""
     table = _normalization_table(spec.mean, spec.std)
-    out = np.empty((len(images), 3, *images.shape[1:3]), np.float32)
+    out = np.empty((len(images), 3, *images[0].shape[:2]), np.float32)
     for image, planes in zip(images, out):
         for channel, plane in enumerate(cv2.split(np.ascontiguousarray(image))):
             cv2.LUT(plane, table[channel], dst=planes[channel])
-    out = out if resized.ndim == 4 else out[0]
     return out.astype(spec.dtype, copy=False)
 
 
@@ -147,4 +151,4 @@ def preprocess_batch(images: Sequence[np.ndarray], spec: PreprocessSpec) -> tupl
     if len(images) == 0:
         raise ValueError("preprocess_batch needs at least one image")
     resized, transforms = zip(*(resize_image(img, spec) for img in images))
-    return normalize(np.stack(resized), spec), list(transforms)
+    return _normalized(resized, spec), list(transforms)
